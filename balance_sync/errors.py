@@ -1,0 +1,47 @@
+"""Typed failures of the core; the CLI turns each into one line and its exit code."""
+
+from __future__ import annotations
+
+
+class BalsyncError(Exception):
+    """A failure an operator can act on; `hint` says what to do about it."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(BalsyncError):
+    """A setting is malformed or two settings contradict each other."""
+
+    exit_code = 2
+
+
+class RedisUnavailable(BalsyncError):
+    """Redis could not be reached within the retry budget."""
+
+    exit_code = 3
+
+
+class PostgresUnavailable(BalsyncError):
+    """PostgreSQL could not be reached within the retry budget."""
+
+    exit_code = 4
+
+
+class SchemaMissing(BalsyncError):
+    """The target table or balsync's own schema is absent."""
+
+    exit_code = 5
+
+
+class LockLost(BalsyncError):
+    """This run no longer holds the per-table advisory lock, so it stops writing."""
+
+    exit_code = 5

@@ -1,0 +1,260 @@
+"""Settings: one frozen object resolved from options, then the environment, then defaults.
+
+The environment is read when a command runs, never at import time, so tests and embedding
+programs can pass their own mapping.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+
+from balance_sync.errors import ConfigError
+
+ValueFormat = Literal["decimal", "cents"]
+LogFormat = Literal["text", "json"]
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_KEY_PREFIX = "balance:"
+DEFAULT_TABLE = "user_balances"
+DEFAULT_RETRY_TIMEOUT = 60.0
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+@dataclass(frozen=True)
+class TableName:
+    """A target table, optionally schema-qualified; always quoted when it reaches SQL."""
+
+    name: str
+    schema: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TableName:
+        """Parse `name` or `schema.name`; anything else is a configuration error."""
+        parts = text.split(".")
+        if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
+            raise ConfigError(
+                f"invalid table name {text!r}",
+                "use name or schema.name, letters, digits and _ only",
+            )
+        return cls(name=parts[-1], schema=parts[0] if len(parts) == 2 else None)
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to know about where the data is and how to talk about it."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    database_url: str = ""  # empty: libpq defaults and PG* variables
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    table: TableName = TableName(DEFAULT_TABLE)
+    id_column: str = "telegram_id"
+    balance_column: str = "balance"
+    log_file: Path | None = None
+    log_format: LogFormat = "text"
+    retry_timeout: float = DEFAULT_RETRY_TIMEOUT
+    value_format: ValueFormat = "decimal"
+    metrics_file: Path | None = None
+    ping_url: str | None = None
+
+    @property
+    def is_default_table(self) -> bool:
+        """True for the table balsync owns and `init-db` creates."""
+        return (
+            self.table == TableName(DEFAULT_TABLE)
+            and self.id_column == "telegram_id"
+            and self.balance_column == "balance"
+        )
+
+    @property
+    def redis_display(self) -> str:
+        """The Redis URL with its password masked."""
+        return mask_url(self.redis_url)
+
+    @property
+    def database_display(self) -> str:
+        """The PostgreSQL URL or conninfo with its password masked."""
+        return mask_url(self.database_url) if self.database_url else "(libpq defaults)"
+
+
+def _first(environ: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def _read_secret_file(environ: Mapping[str, str], name: str) -> str | None:
+    path = environ.get(name)
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}={path}: {exc.strerror}") from exc
+
+
+def _redis_from_parts(environ: Mapping[str, str]) -> str | None:
+    """Build a URL from REDIS_HOST/REDIS_PORT/REDIS_PASSWORD/REDIS_DB, the seed's style."""
+    names = ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB")
+    if not any(environ.get(n) for n in names):
+        return None
+    host = environ.get("REDIS_HOST") or "localhost"
+    port = environ.get("REDIS_PORT") or "6379"
+    db = environ.get("REDIS_DB") or "0"
+    if not port.isdigit() or not db.isdigit():
+        raise ConfigError("REDIS_PORT and REDIS_DB must be whole numbers")
+    password = environ.get("REDIS_PASSWORD")
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{host}:{port}/{db}"
+
+
+def check_redis_url(url: str) -> str:
+    """Reject a Redis URL that redis-py would misread later, with a one-line reason."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL {mask_url(url)}: {exc}") from exc
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"invalid Redis URL {mask_url(url)}",
+            "it must start with redis://, rediss:// or unix://",
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"invalid Redis URL {mask_url(url)}: no host")
+    return url
+
+
+def check_database_url(url: str) -> str:
+    """Reject a PostgreSQL URL or conninfo string that libpq cannot parse."""
+    if not url:
+        return url
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(
+            f"invalid PostgreSQL URL {mask_url(url)}",
+            "use postgresql://user@host:port/dbname or a libpq conninfo string",
+        ) from exc
+    return url
+
+
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL or libpq conninfo string; everything else stays readable."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _CONNINFO_PASSWORD.sub(r"\1***", url)
+    if parts.scheme and parts.netloc and parts.password is not None:
+        userinfo, _, hostinfo = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}:***@{hostinfo}")
+        url = urlunsplit(parts)
+    return _CONNINFO_PASSWORD.sub(r"\1***", url)
+
+
+def _number(raw: object, name: str, *, minimum: float) -> float:
+    try:
+        value = float(str(raw))
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}") from exc
+    if not value >= minimum:  # also rejects NaN
+        raise ConfigError(f"{name} must be at least {minimum:g}, not {raw!r}")
+    return value
+
+
+def _choice(raw: str, name: str, allowed: tuple[str, ...]) -> str:
+    if raw not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {raw!r}")
+    return raw
+
+
+def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str, str]) -> Settings:
+    """Resolve every setting: the option wins, then the environment, then the default.
+
+    `options` holds the CLI's values by setting name, None where the option was not given.
+    """
+
+    def pick(option: str, *env: str) -> str | None:
+        value = options.get(option)
+        if value is not None:
+            return str(value)
+        return _first(environ, *env)
+
+    redis_url = (
+        pick("redis_url", "BALSYNC_REDIS_URL")
+        or _read_secret_file(environ, "BALSYNC_REDIS_URL_FILE")
+        or _first(environ, "REDIS_URL")
+        or _redis_from_parts(environ)
+        or DEFAULT_REDIS_URL
+    )
+    database_url = (
+        pick("database_url", "BALSYNC_DATABASE_URL")
+        or _read_secret_file(environ, "BALSYNC_DATABASE_URL_FILE")
+        or _first(environ, "DATABASE_URL")
+        or ""
+    )
+    key_prefix = pick("key_prefix", "BALSYNC_KEY_PREFIX")
+    if key_prefix is None:
+        key_prefix = DEFAULT_KEY_PREFIX
+    if not key_prefix or any(c in key_prefix for c in "*?[]\\"):
+        raise ConfigError(
+            f"invalid key prefix {key_prefix!r}", "it must be non-empty, without * ? [ ] or \\"
+        )
+    columns = {}
+    for option, env, default in (
+        ("id_column", "BALSYNC_ID_COLUMN", "telegram_id"),
+        ("balance_column", "BALSYNC_BALANCE_COLUMN", "balance"),
+    ):
+        column = pick(option, env) or default
+        if not _IDENTIFIER.fullmatch(column):
+            raise ConfigError(f"invalid column name {column!r}", "letters, digits and _ only")
+        columns[option] = column
+    if columns["id_column"] == columns["balance_column"]:
+        raise ConfigError("the id column and the balance column must differ")
+
+    log_file = pick("log_file", "BALSYNC_LOG_FILE")
+    metrics_file = pick("metrics_file", "BALSYNC_METRICS_FILE")
+    ping_url = pick("ping_url", "BALSYNC_PING_URL")
+    if ping_url and urlsplit(ping_url).scheme not in ("http", "https"):
+        raise ConfigError(f"invalid ping URL {mask_url(ping_url)}", "use http:// or https://")
+    return Settings(
+        redis_url=check_redis_url(redis_url),
+        database_url=check_database_url(database_url),
+        key_prefix=key_prefix,
+        table=TableName.parse(pick("table", "BALSYNC_TABLE") or DEFAULT_TABLE),
+        id_column=columns["id_column"],
+        balance_column=columns["balance_column"],
+        log_file=Path(log_file) if log_file else None,
+        log_format=_choice(  # type: ignore[arg-type]
+            pick("log_format", "BALSYNC_LOG_FORMAT") or "text", "log format", ("text", "json")
+        ),
+        retry_timeout=_number(
+            pick("retry_timeout", "BALSYNC_RETRY_TIMEOUT") or DEFAULT_RETRY_TIMEOUT,
+            "retry timeout",
+            minimum=0,
+        ),
+        value_format=_choice(  # type: ignore[arg-type]
+            pick("value_format", "BALSYNC_VALUE_FORMAT") or "decimal",
+            "value format",
+            ("decimal", "cents"),
+        ),
+        metrics_file=Path(metrics_file) if metrics_file else None,
+        ping_url=ping_url or None,
+    )

@@ -1,0 +1,98 @@
+"""Validation of one Redis record: SPEC's data rules, on bytes, with no float anywhere.
+
+The hot path handles a million records a run, so a valid record is a plain tuple of the id's
+digits and the balance as PostgreSQL's text form, ready for COPY; nothing is converted to
+int, float or Decimal on the way.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+MAX_ID = b"9223372036854775807"
+MAX_INTEGER_DIGITS = 18  # |value| < 10^18 fits numeric(20,2)
+
+_ID = re.compile(rb"[1-9][0-9]{0,18}")
+_DECIMAL = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]{1,2}))?")
+_TOO_PRECISE = re.compile(rb"-?[0-9]+\.[0-9]{3,}")
+_CENTS = re.compile(rb"(-?)([0-9]+)")
+
+ValueFormat = Literal["decimal", "cents"]
+ValidRecord = tuple[bytes, bytes]
+"""(telegram id digits, balance as a plain decimal), both ASCII and safe for COPY text."""
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidRecord:
+    """A record that is skipped, with the reason an operator reads."""
+
+    key: bytes
+    raw: bytes | None
+    reason: str
+
+
+def parse_id(suffix: bytes) -> bytes | None:
+    """The id's digits if `suffix` is a valid telegram id (1..2^63-1, canonical), else None."""
+    if _ID.fullmatch(suffix) is None:
+        return None
+    if len(suffix) == len(MAX_ID) and suffix > MAX_ID:
+        return None
+    return suffix
+
+
+def _value_problem(raw: bytes) -> str:
+    if not raw:
+        return "empty value"
+    if raw != raw.strip():
+        return "value has surrounding whitespace"
+    if _TOO_PRECISE.fullmatch(raw):
+        return "value has more than 2 decimal places (never rounded)"
+    return "value is not a plain decimal number"
+
+
+def parse_balance(
+    raw: bytes, *, value_format: ValueFormat = "decimal", allow_negative: bool = False
+) -> bytes | str:
+    """The balance as a plain decimal (bytes), or the reason it is invalid (str)."""
+    if value_format == "cents":
+        match = _CENTS.fullmatch(raw)
+        if match is None:
+            return "empty value" if not raw else "value is not a whole number of cents"
+        sign, digits = match.groups()
+        digits = digits.lstrip(b"0") or b"0"
+        if len(digits) > MAX_INTEGER_DIGITS + 2:
+            return "value out of range (|value| must be below 10^18)"
+        digits = digits.rjust(3, b"0")
+        amount = sign + digits[:-2] + b"." + digits[-2:]
+    else:
+        match = _DECIMAL.fullmatch(raw)
+        if match is None:
+            return _value_problem(raw)
+        sign, integer, _ = match.groups()
+        digits = integer.lstrip(b"0")
+        if len(digits) > MAX_INTEGER_DIGITS:
+            return "value out of range (|value| must be below 10^18)"
+        amount = raw
+    if sign and not allow_negative and amount.strip(b"-0.") != b"":
+        return "negative value (allowed only with --allow-negative)"
+    return amount
+
+
+def validate(
+    key: bytes,
+    raw: bytes,
+    prefix_length: int,
+    *,
+    value_format: ValueFormat = "decimal",
+    allow_negative: bool = False,
+) -> ValidRecord | InvalidRecord:
+    """Check one string key and its value against SPEC's data rules."""
+    telegram_id = parse_id(key[prefix_length:])
+    if telegram_id is None:
+        return InvalidRecord(key, raw, "key does not end in a telegram id (1..9223372036854775807)")
+    amount = parse_balance(raw, value_format=value_format, allow_negative=allow_negative)
+    if isinstance(amount, str):
+        return InvalidRecord(key, raw, amount)
+    return (telegram_id, amount)
