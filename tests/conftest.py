@@ -87,7 +87,9 @@ def run_database(servers: Servers) -> Iterator[str]:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     yield with_database(servers.postgres_admin, name)
     with psycopg.connect(servers.postgres_admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture
@@ -149,8 +151,9 @@ class Balsync:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = dict(env)
 
-    def __call__(self, *args: str, env: Mapping[str, str] | None = None,
-                 input: str | None = None) -> Result:  # noqa: A002 - click's name
+    def __call__(
+        self, *args: str, env: Mapping[str, str] | None = None, input: str | None = None
+    ) -> Result:
         runner = CliRunner()
         merged = {**self.env, **(env or {})}
         return runner.invoke(cli, list(args), env=merged, input=input, catch_exceptions=False)
@@ -175,7 +178,9 @@ def initialized(balsync: Balsync) -> Balsync:
     return balsync
 
 
-def balances(conn: psycopg.Connection[tuple[object, ...]], table: str = "user_balances") -> dict[int, str]:
+def balances(
+    conn: psycopg.Connection[tuple[object, ...]], table: str = "user_balances"
+) -> dict[int, str]:
     """Every row of a target table as {id: balance text}."""
     rows = conn.execute(
         sql.SQL("SELECT telegram_id, balance::text FROM {}").format(

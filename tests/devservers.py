@@ -69,7 +69,6 @@ def _prepare_root(datadir: Path) -> None:
         ensure_user_exists,
     )
 
-
     ensure_user_exists(PG_USER)
     ensure_prefix_permissions(datadir)
     read = stat.S_IRGRP | stat.S_IROTH
@@ -99,18 +98,43 @@ class PostgresServer:
         _prepare_root(self.datadir)
         if not (self.datadir / "PG_VERSION").exists():
             subprocess.run(
-                [_pg_bin("initdb"), "-D", str(self.datadir), "-U", "postgres",
-                 "--auth=trust", "--encoding=UTF8", "--no-sync"],
-                check=True, capture_output=True, **_as_pg_user(),  # type: ignore[call-overload]
+                [
+                    _pg_bin("initdb"),
+                    "-D",
+                    str(self.datadir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                check=True,
+                capture_output=True,
+                **_as_pg_user(),  # type: ignore[call-overload]
             )
         # Test servers trade durability for speed: nothing here must survive a power cut.
-        options = (f"-p {self.port} -h 127.0.0.1 -k {shlex.quote(str(self.datadir))} "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                   "-c max_connections=200")
+        options = (
+            f"-p {self.port} -h 127.0.0.1 -k {shlex.quote(str(self.datadir))} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=200"
+        )
         subprocess.run(
-            [_pg_bin("pg_ctl"), "-D", str(self.datadir), "-o", options, "-w",
-             "-t", str(int(timeout)), "-l", str(self.datadir / "server.log"), "start"],
-            check=True, capture_output=True, **_as_pg_user(),  # type: ignore[call-overload]
+            [
+                _pg_bin("pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "-l",
+                str(self.datadir / "server.log"),
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            **_as_pg_user(),  # type: ignore[call-overload]
         )
         _wait(lambda: psycopg.connect(self.url, connect_timeout=2).close(), timeout)
         return self
@@ -119,7 +143,9 @@ class PostgresServer:
         """Stop the server (`immediate` is a crash as far as PostgreSQL can tell)."""
         subprocess.run(
             [_pg_bin("pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"],
-            check=False, capture_output=True, **_as_pg_user(),  # type: ignore[call-overload]
+            check=False,
+            capture_output=True,
+            **_as_pg_user(),  # type: ignore[call-overload]
         )
 
     def pid(self) -> int | None:
@@ -151,10 +177,21 @@ class ValkeyServer:
             self.port = free_port()
         self.datadir.mkdir(parents=True, exist_ok=True)
         args = [
-            __valkey_executable__, "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(self.datadir),
-            "--pidfile", str(self.datadir / "valkey.pid"),
-            "--logfile", str(self.datadir / "valkey.log"),
+            __valkey_executable__,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.datadir),
+            "--pidfile",
+            str(self.datadir / "valkey.pid"),
+            "--logfile",
+            str(self.datadir / "valkey.log"),
         ]
         if daemonize:
             subprocess.run([*args, "--daemonize", "yes"], check=True, capture_output=True)
@@ -228,8 +265,7 @@ def main(argv: list[str]) -> int:
         return 0
     pg.start()
     vk.start(daemonize=True)
-    text = (f"export BALSYNC_DATABASE_URL={pg.url}\n"
-            f"export BALSYNC_REDIS_URL={vk.url}\n")
+    text = f"export BALSYNC_DATABASE_URL={pg.url}\nexport BALSYNC_REDIS_URL={vk.url}\n"
     env_file.write_text(text)
     print(text, end="")
     return 0

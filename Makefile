@@ -1,0 +1,53 @@
+# balsync: `make` alone lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := .demo
+PYTEST_ARGS ?=
+
+.PHONY: help install demo demo-stop test test-faults lint format bench clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(BIN)/balsync: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/balsync ## create .venv with balsync and its development tools
+
+demo: install ## start local servers in .demo/, seed 100 000 balances, init-db, sync -v, show the result
+	@$(BIN)/python -m tests.devservers start $(DEMO) > /dev/null
+	@set -a; source $(DEMO)/env; BALSYNC_KEY_PREFIX=demo:balance:; set +a; \
+	$(BIN)/python -m tests.demo seed 100000 && \
+	$(BIN)/balsync init-db && \
+	{ $(BIN)/balsync sync --verbose --force; code=$$?; [ $$code -le 1 ]; } && \
+	$(BIN)/python -m tests.demo show && \
+	echo && echo "Servers keep running in $(DEMO)/ (URLs in $(DEMO)/env). Try:" && \
+	echo "  source $(DEMO)/env && BALSYNC_KEY_PREFIX=demo:balance: $(BIN)/balsync sync --dry-run" && \
+	echo "Stop them with: make demo-stop"
+
+demo-stop: ## stop the demo's servers
+	@$(BIN)/python -m tests.devservers stop $(DEMO)
+
+test: install ## run the test suite (real servers: BALSYNC_TEST_* URLs, else embedded ones)
+	$(BIN)/pytest -m "not faults" $(PYTEST_ARGS)
+
+test-faults: install ## run the fault-injection suite alone (starts its own servers)
+	$(BIN)/pytest -m faults $(PYTEST_ARGS)
+
+lint: install ## ruff and mypy --strict
+	$(BIN)/ruff check balance_sync tests
+	$(BIN)/ruff format --check balance_sync tests
+	$(BIN)/mypy
+
+format: install ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format balance_sync tests
+	$(BIN)/ruff check --fix balance_sync tests
+
+clean: ## remove the virtualenv, caches and the demo's data (stop the demo first)
+	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
