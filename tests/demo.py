@@ -54,9 +54,8 @@ def show() -> None:
         ).fetchone() or (0, 0)
         console.print(f"PostgreSQL holds {rows:,} balances summing to {total:,}")
         table = Table("telegram_id", "balance", "updated_at", title="a few rows")
-        for row in conn.execute(
-            "SELECT telegram_id, balance, updated_at FROM user_balances ORDER BY telegram_id LIMIT 5"
-        ):
+        first = "SELECT telegram_id, balance, updated_at FROM user_balances ORDER BY 1 LIMIT 5"
+        for row in conn.execute(first):
             table.add_row(*(str(v) for v in row))
         console.print(table)
         skipped = Table("key", "raw value", "reason", title="skipped by the last run")
