@@ -40,6 +40,14 @@ test: install ## run the test suite (real servers: BALSYNC_TEST_* URLs, else emb
 test-faults: install ## run the fault-injection suite alone (starts its own servers)
 	$(BIN)/pytest -m faults $(PYTEST_ARGS)
 
+# make bench N=100000 REPEAT=1 RSS5N=1; servers: BALSYNC_BENCH_DATABASE_URL (admin), BALSYNC_BENCH_REDIS_URL
+N ?= 1000000
+REPEAT ?= 3
+RSS5N ?= 0
+BENCH_ARGS ?= --n $(N) --repeat $(REPEAT) $(if $(filter 1,$(RSS5N)),--rss-5n)
+bench: install ## sync vs its floor on N scratch keys (N=1000000, RSS5N=1 adds 5N); bench/results.md
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 lint: install ## ruff and mypy --strict
 	$(BIN)/ruff check balance_sync tests
 	$(BIN)/ruff format --check balance_sync tests

@@ -17,11 +17,23 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from balance_sync import __version__, render
+from balance_sync.cache import ClearOptions, ClearResult, clear_cache
 from balance_sync.errors import BalsyncError, ConfigError
+from balance_sync.health import DEFAULT_MAX_AGE, check_health
 from balance_sync.logs import LOGGER, setup_logging
-from balance_sync.pg_store import Database
+from balance_sync.pg_store import Database, OnConflict
+from balance_sync.report import run_reported
+from balance_sync.restore import RestoreOptions, parse_ids, run_restore
+from balance_sync.schedule import Crontab, ScheduleChange, balsync_command, schedule_lines
+from balance_sync.schedule import install as install_schedule
+from balance_sync.schedule import uninstall as uninstall_schedule
 from balance_sync.settings import Settings, resolve_settings
-from balance_sync.sync import DEFAULT_BATCH_SIZE, DEFAULT_MIN_INTERVAL, SyncOptions, run_sync
+from balance_sync.skipped import DEFAULT_LIMIT as SKIPPED_LIMIT
+from balance_sync.skipped import list_skipped
+from balance_sync.stats import DEFAULT_RUNS, collect_stats
+from balance_sync.status import collect_status
+from balance_sync.sync import DEFAULT_BATCH_SIZE, DEFAULT_MIN_INTERVAL, SyncOptions
+from balance_sync.verify import DEFAULT_LIMIT, VerifyOptions, run_verify
 
 log = logging.getLogger(LOGGER)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,9 +100,15 @@ SETTING_OPTIONS = (
         "--metrics-file",
         type=click.Path(dir_okay=False),
         metavar="PATH",
-        help="Prometheus textfile to write. Env: BALSYNC_METRICS_FILE.",
+        help="Write the run's metrics here for node_exporter's textfile collector "
+        "(name it *.prom). Env: BALSYNC_METRICS_FILE.",
     ),
-    click.option("--ping-url", metavar="URL", help="Dead man's switch URL. Env: BALSYNC_PING_URL."),
+    click.option(
+        "--ping-url",
+        metavar="URL",
+        help="Dead man's switch: request URL/start, then URL on success or URL/fail "
+        "(healthchecks.io style). Env: BALSYNC_PING_URL.",
+    ),
 )
 OUTPUT_OPTIONS = (
     click.option(
@@ -267,6 +285,26 @@ def init_db(*, settings: Settings, output: Output) -> int:
     metavar="SECONDS",
     help="Skip when a sync finished this recently (cron's hourly and daily entries meet at 02:00).",
 )
+@click.option(
+    "--on-conflict",
+    type=click.Choice(["skip", "redis", "db"]),
+    default="skip",
+    show_default=True,
+    help="A row changed in PostgreSQL since balsync last wrote it: keep it and report it "
+    "(skip), overwrite it with Redis (redis), or keep it and give Redis its value (db).",
+)
+@click.option(
+    "--incremental",
+    is_flag=True,
+    help="Sync only the ids the application marked as changed (balance_sync.writer); "
+    "--force still scans every key.",
+)
+@click.option(
+    "--accept-redis-restart",
+    is_flag=True,
+    help="Redis restarted since the last sync and you checked it holds the right balances: "
+    "let this run overwrite rows again, and trust this Redis from now on.",
+)
 @command
 def sync(
     *,
@@ -278,6 +316,9 @@ def sync(
     wait: float,
     allow_negative: bool,
     min_interval: float,
+    on_conflict: OnConflict,
+    accept_redis_restart: bool,
+    incremental: bool,
 ) -> int:
     """Copy every balance from Redis into PostgreSQL, in batches.
 
@@ -292,6 +333,12 @@ def sync(
       balsync sync --dry-run -v       # what would change, batch by batch
       balsync sync --quiet            # from cron: silent unless something is wrong
       balsync sync --json | jq .status
+
+    A row changed in PostgreSQL behind balsync's back (an admin correction) is a conflict:
+    kept and listed by `balsync conflicts` (exit 1) unless --on-conflict says otherwise.
+    After a Redis restart no row is overwritten (new ids are still inserted) until a run
+    with --accept-redis-restart, since Redis may have come back empty or from an old
+    snapshot; `balsync restore` puts PostgreSQL's balances back into Redis.
     """
     options = SyncOptions(
         dry_run=dry_run,
@@ -300,11 +347,14 @@ def sync(
         wait=wait,
         allow_negative=allow_negative,
         min_interval=min_interval,
+        on_conflict=on_conflict,
+        accept_redis_restart=accept_redis_restart,
+        incremental=incremental,
     )
     progress = render.SyncProgress(enabled=not (output.json or output.quiet))
     try:
         with progress.show():
-            result = run_sync(settings, options, on_batch=progress.update)
+            result = run_reported(settings, options, on_batch=progress.update)
     except BalsyncError:
         if output.json:
             render.print_json(
@@ -329,13 +379,441 @@ def sync(
         console = render.stdout_console() if not output.quiet else render.stderr_console()
         console.print(render.sync_table(result, str(settings.table)))
         if code:
-            console.print(
-                f"{result.skipped} record(s) skipped: see the log, or "
-                f"`balsync skipped --run {result.run_id}`"
-                if result.run_id
-                else f"{result.skipped} record(s) would be skipped (run with -v to list them)"
-            )
+            console.print(render.skipped_hint(result))
     return code
+
+
+@cli.command("conflicts")
+@click.option(
+    "--run", "run_id", type=int, metavar="ID",
+    help="A run id [default: the last run with conflicts].",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, metavar="N",
+              help="List at most N conflicts.")
+@command
+def conflicts(*, settings: Settings, output: Output, run_id: int | None, limit: int) -> int:
+    """List rows a sync did not simply overwrite, and why.
+
+    A conflict is a row changed in PostgreSQL since balsync last wrote it
+    (`changed_in_db`: an admin correction, the application's fallback path), or a row that
+    differed after a Redis restart (`redis_restarted`). The resolution says what the run
+    did: kept the row (the default), overwrote it with Redis, or kept it and gave Redis
+    its value (`sync --on-conflict redis|db`).
+
+    \b
+    Examples:
+      balsync conflicts
+      balsync conflicts --run 42 --json
+    """
+    db = Database(settings.database_url, settings.retry_timeout)
+    try:
+        db.require_schema()
+        chosen, found = db.conflicts(settings.table, run_id, limit)
+    finally:
+        db.close()
+    if output.json:
+        render.print_json(
+            {"run_id": chosen, "conflicts": [render.conflict_json(c) for c in found]}
+        )
+    elif not found:
+        if not output.quiet:
+            render.stdout_console().print("no conflicts")
+    else:
+        render.stdout_console().print(render.conflicts_table(chosen, found, settings.key_prefix))
+    return 0
+
+
+@cli.command("verify")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=DEFAULT_LIMIT,
+    show_default=True,
+    metavar="N",
+    help="List at most N examples of each kind of discrepancy.",
+)
+@click.option(
+    "--allow-negative",
+    is_flag=True,
+    help="Count negative balances as valid, as `sync --allow-negative` does.",
+)
+@command
+def verify(*, settings: Settings, output: Output, limit: int, allow_negative: bool) -> int:
+    """Compare every balance key in Redis with PostgreSQL; exit 1 on any drift.
+
+    Reports keys missing in PostgreSQL, balances that differ (compared as exact
+    decimals), rows whose key is missing in Redis, the invalid keys a sync would skip
+    (counted, not drift), and the sum of balances on each side. Reads both sides in
+    batches with constant memory and writes nothing anywhere. On a live system a
+    balance that moved since the last sync differs too: run it right after a sync.
+
+    \b
+    Examples:
+      balsync verify                  # a summary and the first 20 of each discrepancy
+      balsync verify --limit 0 -q     # from cron: silent unless something drifted
+      balsync verify --json | jq '.missing_in_pg, .differing, .missing_in_redis'
+    """
+    try:
+        result = run_verify(settings, VerifyOptions(limit=limit, allow_negative=allow_negative))
+    except BalsyncError:
+        if output.json:
+            render.print_json(
+                {
+                    "status": "failed",
+                    **dict.fromkeys(
+                        (
+                            "redis_keys",
+                            "valid_keys",
+                            "invalid_keys",
+                            "pg_rows",
+                            "redis_sum",
+                            "pg_sum",
+                            "missing_in_pg",
+                            "differing",
+                            "missing_in_redis",
+                        )
+                    ),
+                    "examples": {"missing_in_pg": [], "differing": [], "missing_in_redis": []},
+                }
+            )
+        raise
+    code = 0 if result.status == "in_sync" else 1
+    if output.json:
+        render.print_json(result.to_json())
+    elif not output.quiet or code:
+        console = render.stdout_console() if not output.quiet else render.stderr_console()
+        for table in render.verify_tables(result, str(settings.table)):
+            console.print(table)
+    return code
+
+
+# -- clear-cache, restore, skipped ---------------------------------------------------------
+
+
+def stdin_is_terminal() -> bool:
+    """Whether a person can answer a prompt on stdin (tests stand in for one)."""
+    return sys.stdin.isatty()
+
+
+@cli.command("clear-cache")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Report what would be deleted and the memory it would free; delete nothing.",
+)
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Delete without asking (required when stdin is not a terminal, as under cron).",
+)
+@click.option(
+    "--idle-days",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Delete only keys nobody has read or written for N days (OBJECT IDLETIME).",
+)
+@command
+def clear_cache_command(
+    *, settings: Settings, output: Output, dry_run: bool, yes: bool, idle_days: int | None
+) -> int:
+    """Free Redis memory: delete balance keys whose value PostgreSQL already holds.
+
+    A key is deleted only when its value equals the persisted balance as a number ('1500'
+    equals 1500.00), by an atomic compare-and-delete on the exact bytes read: a balance
+    written meanwhile survives. Keys not persisted yet, differing, invalid or (with
+    --idle-days) recently used are kept and counted by reason. It takes sync's per-table
+    lock, so it never runs beside a sync; if one runs, it exits 0 as skipped.
+
+    It asks before deleting unless --yes, and without --yes refuses (exit 2) when stdin is
+    not a terminal. Answering no deletes nothing and exits 0. --dry-run needs no answer.
+
+    Idle time counts reads as well as writes. A sync reads every key, so with an hourly
+    sync no key is idle for days unless the server and sync read without touching keys.
+
+    \b
+    Examples:
+      balsync clear-cache --dry-run             # what would go, and the memory it would free
+      balsync clear-cache                       # asks, then deletes
+      balsync clear-cache --yes --idle-days 30  # unattended: keys untouched for 30 days
+      balsync clear-cache --yes --json | jq .deleted
+    """
+    options = ClearOptions(dry_run=dry_run, idle_days=idle_days)
+    if not dry_run and not yes and not _confirmed(settings):
+        result = ClearResult(status="skipped", dry_run=False, reason="cancelled: nothing deleted")
+    else:
+        result = clear_cache(settings, options)
+    if output.json:
+        render.print_json(result.to_json())
+    elif not output.quiet:
+        render.stdout_console().print(render.clear_cache_table(result, str(settings.table)))
+    return 0
+
+
+def _confirmed(settings: Settings) -> bool:
+    if not stdin_is_terminal():
+        raise ConfigError(
+            "refusing to delete without --yes when stdin is not a terminal",
+            "pass --yes to delete, or --dry-run to see what would go",
+        )
+    question = (
+        f"Delete the keys {settings.key_prefix}* at {settings.redis_display} whose value "
+        f"{settings.table} already holds?"
+    )
+    try:
+        return click.confirm(question, err=True)
+    except click.Abort:  # end of input or Ctrl-C at the prompt: a no
+        click.echo(err=True)
+        return False
+
+
+@cli.command("restore")
+@click.option(
+    "--dry-run", is_flag=True, help="Count the keys that would be restored; write nothing."
+)
+@click.option(
+    "--ids",
+    metavar="ID,ID,...",
+    help="Only these telegram ids, comma-separated. [default: every row]",
+)
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Accepted for symmetry with clear-cache; restore never asks (it only adds keys).",
+)
+@command
+def restore(
+    *, settings: Settings, output: Output, dry_run: bool, ids: str | None, yes: bool
+) -> int:
+    """Copy balances from PostgreSQL into Redis where the key is missing.
+
+    The fallback for the day Redis comes back empty. Each key is written with SET NX, so
+    a balance the application wrote meanwhile is never overwritten; values are written in
+    --value-format ('1500.00', or '150000' in cents), exactly. Rows stream from a
+    server-side cursor, so memory stays constant. It takes sync's per-table lock; if a
+    sync or clear-cache runs, it exits 0 as skipped.
+
+    It asks no confirmation: it only adds keys that are missing, never changes or deletes
+    one. Exit 1 when some rows could not be written exactly (more than two decimals, no
+    number); they are logged.
+
+    \b
+    Examples:
+      balsync restore --dry-run          # how many keys are missing
+      balsync restore                    # write them
+      balsync restore --ids 1001,1002    # only these users
+      balsync restore --json | jq .restored
+    """
+    del yes  # restore only adds missing keys, so there is nothing to confirm
+    options = RestoreOptions(dry_run=dry_run, ids=None if ids is None else parse_ids(ids))
+    result = run_restore(settings, options)
+    code = 1 if result.status == "partial" else 0
+    if output.json:
+        render.print_json(result.to_json())
+    elif not output.quiet or code:
+        console = render.stdout_console() if not output.quiet else render.stderr_console()
+        console.print(render.restore_table(result, str(settings.table)))
+        if code:
+            console.print(f"{result.invalid} row(s) could not be restored: see the log")
+    return code
+
+
+@cli.command("skipped")
+@click.option(
+    "--run",
+    "run_id",
+    type=click.IntRange(min=1),
+    metavar="ID",
+    help="A run id. [default: the last run that skipped records]",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=SKIPPED_LIMIT,
+    show_default=True,
+    metavar="N",
+    help="List at most N records.",
+)
+@command
+def skipped(*, settings: Settings, output: Output, run_id: int | None, limit: int) -> int:
+    """List the records a sync run skipped: key, raw value and reason.
+
+    By default the last run of the target table that skipped any records. The table cuts
+    raw values to 60 characters; --json gives them as stored (up to 200 bytes). An
+    unknown --run is exit 2. Needs balsync's schema (`balsync init-db`).
+
+    \b
+    Examples:
+      balsync skipped
+      balsync skipped --run 42 --limit 1000
+      balsync skipped --json | jq -r '.records[].key'
+    """
+    listing = list_skipped(settings, run_id, limit)
+    if output.json:
+        render.print_json(listing.to_json())
+    elif output.quiet:
+        pass
+    elif not listing.records:
+        where = f"run {listing.run_id}" if listing.run_id is not None else "any run"
+        render.stdout_console().print(f"no skipped records in {where} of {settings.table}")
+    else:
+        render.stdout_console().print(render.skipped_table(listing))
+    return 0
+
+
+# -- operator commands: health, stats, status, schedule -----------------------------------
+
+
+@cli.command("health")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_MAX_AGE,
+    show_default=True,
+    metavar="SECONDS",
+    help="Degraded when the last successful sync finished longer ago than this "
+    "(two hourly runs missed).",
+)
+@command
+def health(*, settings: Settings, output: Output, max_age: float) -> int:
+    """Check both stores, the schema, the last sync, and the risks to money in Redis.
+
+    Changes nothing. One row per check: Redis and PostgreSQL reachable (latency,
+    version), balsync's schema and the target table present, the last successful sync
+    younger than --max-age, and what operators miss: a maxmemory-policy that can evict
+    balance keys, balance keys carrying a TTL (a sample of 1000), Redis memory above 90%
+    of maxmemory, Redis restarted since the last successful sync.
+
+    Exit 0 healthy, 1 degraded (a check failed), 3 Redis unreachable, 4 PostgreSQL
+    unreachable (after --retry-timeout); the report is printed in every case.
+
+    \b
+    Examples:
+      balsync health
+      balsync health --json | jq '.checks[] | select(.ok | not)'
+      balsync health --quiet --retry-timeout 10   # for a monitor: silent when healthy
+    """
+    report = check_health(settings, max_age)
+    code = report.exit_code
+    if output.json:
+        render.print_json(report.to_json())
+    elif not output.quiet or code:
+        console = render.stdout_console() if not output.quiet else render.stderr_console()
+        console.print(render.health_table(report))
+    return code
+
+
+@cli.command("stats")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1, max=1000),
+    default=DEFAULT_RUNS,
+    show_default=True,
+    metavar="N",
+    help="How many recent runs to list and chart.",
+)
+@command
+def stats(*, settings: Settings, output: Output, runs: int) -> int:
+    """Show the last run, the last N runs, the last 24 h, and what each store holds now.
+
+    The last run in full; a table and a bar chart of the last N runs; runs, failures
+    and p50/p95 duration over 24 h; balance keys in Redis (counted with SCAN), rows and
+    the exact sum of balances in PostgreSQL, Redis memory. Changes nothing. In --json
+    the sum is a decimal string, never a float.
+
+    \b
+    Examples:
+      balsync stats
+      balsync stats --runs 48
+      balsync stats --json | jq -r .postgres.balance_sum
+    """
+    report = collect_stats(settings, runs)
+    if output.json:
+        render.print_json(report.to_json())
+    elif not output.quiet:
+        console = render.stdout_console()
+        for view in render.stats_views(report):
+            console.print(view)
+    return 0
+
+
+@cli.command("status")
+@command
+def status(*, settings: Settings, output: Output) -> int:
+    """Say whether a sync is running, how the last one ended, and when cron starts the next.
+
+    A running sync is the holder of the target table's advisory lock: its PostgreSQL
+    backend, and host, pid and start from its run record. The next three start times
+    come from this user's crontab (`crontab -l`, the lines that start balsync); without
+    cron or a crontab, status says so. Changes nothing; Redis is not needed.
+
+    \b
+    Examples:
+      balsync status
+      balsync status --json | jq .running
+    """
+    report = collect_status(settings, Crontab.from_environ(os.environ))
+    if output.json:
+        render.print_json(report.to_json())
+    elif not output.quiet:
+        render.stdout_console().print(render.status_table(report))
+    return 0
+
+
+@cli.command("schedule")
+@click.option("--install", is_flag=True, help="Add the lines to this user's crontab.")
+@click.option("--uninstall", is_flag=True, help="Remove them from this user's crontab.")
+@command
+def schedule(*, settings: Settings, output: Output, install: bool, uninstall: bool) -> int:
+    """Print balsync's crontab lines, or install or remove them in this user's crontab.
+
+    Hourly at minute 0 `balsync sync --quiet`, daily at 02:00 a forced run that waits
+    for the hourly one (`--force --wait 1800`), both by this installation's absolute
+    path, with --log-file when one is set. --install and --uninstall edit only the block
+    between `# BEGIN balsync (managed by balsync schedule)` and `# END balsync`, leave
+    every other line alone, and can run again safely. BALSYNC_CRONTAB_COMMAND names
+    another crontab command (e.g. `crontab -u balsync`).
+
+    \b
+    Examples:
+      balsync schedule                                   # just print the lines
+      balsync schedule --install --log-file /var/log/balsync/balsync.log
+      balsync schedule --uninstall
+    """
+    if install and uninstall:
+        raise ConfigError("--install and --uninstall exclude each other", "give one of them")
+    lines = schedule_lines(balsync_command(sys.argv[0]), settings.log_file)
+    crontab = Crontab.from_environ(os.environ)
+    if install:
+        change = install_schedule(crontab, lines)
+    elif uninstall:
+        change = uninstall_schedule(crontab, lines)
+    else:
+        change = ScheduleChange("print", lines)
+    for line in change.unmanaged:
+        log.warning(
+            "the crontab also starts balsync outside the managed block, so runs double: "
+            "%s (remove it with crontab -e)",
+            line,
+        )
+    if output.json:
+        render.print_json(change.to_json())
+        return 0
+    if output.quiet:
+        return 0
+    console = render.stdout_console()
+    message = render.schedule_message(change)
+    if message:
+        console.print(message)
+    if change.action != "uninstall":
+        for line in change.lines:
+            console.print(line, markup=False)
+        render.stderr_console().print(
+            "cron starts these with an almost empty environment: set BALSYNC_REDIS_URL_FILE "
+            "and BALSYNC_DATABASE_URL_FILE (files of mode 600) or the URLs themselves as "
+            "variable lines above the block (crontab -e).",
+            markup=False,
+        )
+    return 0
 
 
 def main() -> None:

@@ -45,3 +45,9 @@ class LockLost(BalsyncError):
     """This run no longer holds the per-table advisory lock, so it stops writing."""
 
     exit_code = 5
+
+
+class CrontabError(BalsyncError):
+    """The user's crontab cannot be read or written: no crontab command, or a broken block."""
+
+    exit_code = 5

@@ -7,16 +7,18 @@ into SQL text, so a hostile name cannot change the statement.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, LiteralString, TypeVar
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal, LiteralString, TypeVar
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import TupleRow
+from psycopg.rows import TupleRow, class_row
 
 from balance_sync import __version__, retry
 from balance_sync.errors import LockLost, PostgresUnavailable, SchemaMissing
@@ -81,21 +83,43 @@ _BOOKKEEPING: list[LiteralString] = [
         inserted integer NOT NULL,
         updated integer NOT NULL,
         unknown integer NOT NULL,
+        conflicts integer NOT NULL DEFAULT 0,
         PRIMARY KEY (run_id, batch_no)
     )""",
+    # The last balance balsync wrote for each id: a row that differs from it was changed
+    # behind balsync's back (an admin correction, the application's fallback path).
+    """CREATE TABLE IF NOT EXISTS balsync.written (
+        target_table text NOT NULL,
+        telegram_id bigint NOT NULL,
+        balance numeric(20,2) NOT NULL,
+        PRIMARY KEY (target_table, telegram_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS balsync.conflicts (
+        id bigserial PRIMARY KEY,
+        run_id bigint NOT NULL REFERENCES balsync.sync_runs (id) ON DELETE CASCADE,
+        telegram_id bigint NOT NULL,
+        db_value numeric(20,2),
+        redis_value numeric(20,2) NOT NULL,
+        last_written numeric(20,2),
+        kind text NOT NULL CHECK (kind IN ('changed_in_db', 'redis_restarted')),
+        resolution text NOT NULL CHECK (resolution IN ('kept', 'redis', 'db')),
+        recorded_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    "CREATE INDEX IF NOT EXISTS conflicts_run ON balsync.conflicts (run_id)",
+    # The Redis server (INFO run_id) a run read from: a new one means Redis restarted.
+    "ALTER TABLE balsync.sync_runs ADD COLUMN IF NOT EXISTS redis_run_id text",
+    "ALTER TABLE balsync.run_batches ADD COLUMN IF NOT EXISTS conflicts integer NOT NULL DEFAULT 0",
 ]
 
 
-def lock_key(table: TableName) -> int:
-    """The advisory lock key of a target table: stable across hosts and versions."""
-    digest = hashlib.blake2b(f"balsync:{table}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-def _lock_parts(key: int) -> tuple[int, int]:
-    # pg_locks shows a bigint advisory key as classid (high half) and objid (low half).
-    unsigned = key & 0xFFFFFFFFFFFFFFFF
-    return unsigned >> 32, unsigned & 0xFFFFFFFF
+# balsync's advisory locks: (LOCK_CLASS, oid of the target table) per table, so every
+# spelling of one table (`user_balances`, `public.user_balances`) shares one lock; pg_locks
+# shows them as classid = LOCK_CLASS, objid = the table's oid, objsubid = 2.
+LOCK_CLASS = 1650551923  # "bals" in ASCII
+_INIT_LOCK = 1650551924  # serialises concurrent `init-db`
+_LOCK_ROW = """locktype = 'advisory' AND classid = %s AND objid = to_regclass(%s)::oid
+               AND objsubid = 2 AND database = (
+                   SELECT oid FROM pg_database WHERE datname = current_database())"""
 
 
 def text_of(data: bytes) -> str:
@@ -119,6 +143,30 @@ class TargetTable:
         return _ident(self.table)
 
 
+ConflictKind = Literal["changed_in_db", "redis_restarted"]
+OnConflict = Literal["skip", "redis", "db"]
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A row balsync did not simply overwrite, and why."""
+
+    telegram_id: int
+    db_value: Decimal
+    redis_value: Decimal
+    last_written: Decimal | None
+    kind: ConflictKind
+    resolution: Literal["kept", "redis", "db"]
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """How a batch treats rows that differ from what balsync last wrote."""
+
+    on_conflict: OnConflict = "skip"
+    hold_updates: bool = False  # Redis restarted: insert new ids, overwrite nothing
+
+
 @dataclass(frozen=True)
 class BatchCounts:
     """What PostgreSQL reported for one batch."""
@@ -126,6 +174,12 @@ class BatchCounts:
     inserted: int
     updated: int
     unknown_ids: list[int]
+    conflicts: list[Conflict] = field(default_factory=list)
+
+    @property
+    def kept(self) -> int:
+        """Rows left as they were because of a conflict: skipped records of the run."""
+        return sum(1 for c in self.conflicts if c.resolution == "kept")
 
 
 class Database:
@@ -189,7 +243,7 @@ class Database:
             created: list[str] = []
             with conn.transaction():
                 # Two init-db at once would race on the catalog; serialise them.
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(TableName(SCHEMA)),))
+                conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (_INIT_LOCK,))
                 if not _relation_exists(conn, TableName("sync_runs", SCHEMA)):
                     created.append(f"{SCHEMA} schema")
                 for statement in _BOOKKEEPING:
@@ -243,6 +297,13 @@ class Database:
                     f"table {settings.table} does not exist",
                     "run `balsync init-db` for the default table, or check --table",
                 )
+            resolved = conn.execute(
+                """SELECT n.nspname, c.relname FROM pg_class c
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.oid = to_regclass(%s)""",
+                (name,),
+            ).fetchone()
+            assert resolved is not None
             columns: dict[str, bool] = dict(rows)
             for column in (settings.id_column, settings.balance_column):
                 if column not in columns:
@@ -265,7 +326,7 @@ class Database:
                 if column not in (settings.id_column, settings.balance_column, "updated_at")
             )
             return TargetTable(
-                table=settings.table,
+                table=TableName(name=resolved[1], schema=resolved[0]),
                 id_column=settings.id_column,
                 balance_column=settings.balance_column,
                 has_updated_at="updated_at" in columns,
@@ -281,15 +342,17 @@ class Database:
         """Take the table's session-level advisory lock, waiting up to `wait` seconds."""
 
         def run(conn: Connection) -> bool:
-            key = lock_key(table)
+            args = (LOCK_CLASS, _ident(table).as_string(conn))
             if wait <= 0:
-                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                row = conn.execute(
+                    "SELECT pg_try_advisory_lock(%s, to_regclass(%s)::oid::int4)", args
+                ).fetchone()
                 return bool(row and row[0])
             conn.execute(
                 sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(wait * 1000)}ms"))
             )
             try:
-                conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+                conn.execute("SELECT pg_advisory_lock(%s, to_regclass(%s)::oid::int4)", args)
                 return True
             except psycopg.errors.LockNotAvailable:
                 return False
@@ -301,7 +364,10 @@ class Database:
     def unlock(self, table: TableName) -> None:
         """Release the table's advisory lock (closing the connection would too)."""
         if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            self._conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(table),))
+            self._conn.execute(
+                "SELECT pg_advisory_unlock(%s, to_regclass(%s)::oid::int4)",
+                (LOCK_CLASS, _ident(table).as_string(self._conn)),
+            )
 
     # -- run records --------------------------------------------------------------------
 
@@ -388,61 +454,411 @@ class Database:
         run_id: int | None,
         batch_no: int,
         lock: RunLock | None,
+        policy: MergePolicy = MergePolicy(),
         key_prefix: str = "",
         keep_skipped: int = 0,
     ) -> BatchCounts:
         """Write one batch in one transaction: COPY into staging, then a set-based merge.
 
-        Existing ids are updated only where the balance differs; new ids are inserted when
-        the table allows it and reported as unknown otherwise. With `run_id` None (a dry
-        run) the transaction only counts and is rolled back. Skipped records of the batch
-        are stored in the same transaction.
+        Existing ids are updated only where the balance differs and nobody else changed the
+        row since balsync last wrote it (else: a conflict, handled by `policy`); new ids are
+        inserted when the table allows it and reported as unknown otherwise. With `run_id`
+        None (a dry run) the transaction only counts and is rolled back. Up to
+        `keep_skipped` skipped records (invalid first, then unknown ids) and conflicts are
+        stored in the same transaction.
         """
         payload = b"".join(b"%s\t%s\n" % record for record in records)
-        dry_run = run_id is None
 
         def run(conn: Connection) -> BatchCounts:
-            with conn.transaction(force_rollback=dry_run):
+            with conn.transaction(force_rollback=run_id is None):
                 if lock is not None:
                     _check_lock(conn, target.table, lock.holder_pid())
-                conn.execute(
-                    """CREATE TEMP TABLE IF NOT EXISTS balsync_stage (
-                           id bigint NOT NULL, balance numeric(20,2) NOT NULL
-                       ) ON COMMIT DELETE ROWS"""
-                )
-                with conn.cursor().copy(
-                    "COPY pg_temp.balsync_stage (id, balance) FROM STDIN"
-                ) as copy:
-                    copy.write(payload)
+                _stage(conn, payload)
+                if run_id is not None:
+                    done = _batch_done(conn, target, run_id, batch_no)
+                    if done is not None:
+                        return done
+                counts = _merge(conn, target, policy, dry_run=run_id is None)
                 if run_id is None:
-                    return _dry_counts(conn, target)
-                done = conn.execute(
-                    """SELECT inserted, updated, unknown FROM balsync.run_batches
-                       WHERE run_id = %s AND batch_no = %s""",
-                    (run_id, batch_no),
-                ).fetchone()
-                if done is not None:
-                    # An earlier attempt committed but its answer was lost in transit.
-                    unknown = _unknown_ids(conn, target) if done[2] else []
-                    return BatchCounts(done[0], done[1], unknown)
-                counts = _merge(conn, target)
+                    return counts
                 conn.execute(
                     """INSERT INTO balsync.run_batches
-                           (run_id, batch_no, inserted, updated, unknown)
-                       VALUES (%s, %s, %s, %s, %s)""",
-                    (run_id, batch_no, counts.inserted, counts.updated, len(counts.unknown_ids)),
+                           (run_id, batch_no, inserted, updated, unknown, conflicts)
+                       VALUES (%s, %s, %s, %s, %s, %s)""",
+                    (
+                        run_id,
+                        batch_no,
+                        counts.inserted,
+                        counts.updated,
+                        len(counts.unknown_ids),
+                        len(counts.conflicts),
+                    ),
                 )
                 skipped = list(invalid[:keep_skipped])
                 prefix = key_prefix.encode()
                 skipped += [
                     InvalidRecord(prefix + b"%d" % telegram_id, None, UNKNOWN_ID)
-                    for telegram_id in counts.unknown_ids[: keep_skipped - len(skipped)]
+                    for telegram_id in counts.unknown_ids[: max(0, keep_skipped - len(skipped))]
                 ]
                 if skipped:
                     _store_skipped(conn, run_id, skipped)
+                if counts.conflicts:
+                    _store_conflicts(conn, run_id, counts.conflicts[:keep_skipped])
                 return counts
 
         return self.call(run)
+
+    def redis_baseline(self, table: TableName) -> str | None:
+        """The Redis run_id the last finished run trusted, or None before any."""
+        row = self.call(
+            lambda conn: conn.execute(
+                """SELECT redis_run_id FROM balsync.sync_runs
+                   WHERE target_table = %s AND status IN ('success', 'partial')
+                     AND redis_run_id IS NOT NULL
+                   ORDER BY id DESC LIMIT 1""",
+                (str(table),),
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def trust_redis(self, run_id: int, redis_run_id: str) -> None:
+        """Record the Redis server this run read from as the one to trust from now on."""
+        self.call(
+            lambda conn: conn.execute(
+                "UPDATE balsync.sync_runs SET redis_run_id = %s WHERE id = %s",
+                (redis_run_id, run_id),
+            )
+        )
+
+    def conflicts(
+        self, table: TableName, run_id: int | None, limit: int
+    ) -> tuple[int | None, list[Conflict]]:
+        """The conflicts of a run (default: the last run that had any) of a target table."""
+
+        def run(conn: Connection) -> tuple[int | None, list[Conflict]]:
+            chosen = run_id
+            if chosen is None:
+                row = conn.execute(
+                    """SELECT max(c.run_id) FROM balsync.conflicts c
+                       JOIN balsync.sync_runs r ON r.id = c.run_id
+                       WHERE r.target_table = %s""",
+                    (str(table),),
+                ).fetchone()
+                chosen = None if row is None or row[0] is None else int(row[0])
+            if chosen is None:
+                return None, []
+            rows = conn.execute(
+                """SELECT telegram_id, db_value, redis_value, last_written, kind, resolution
+                   FROM balsync.conflicts WHERE run_id = %s ORDER BY id LIMIT %s""",
+                (chosen, limit),
+            ).fetchall()
+            return chosen, [Conflict(int(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+        return self.call(run)
+
+    # -- operator views: health, stats, status --------------------------------------------
+
+    def ping(self) -> None:
+        """One round trip to the server."""
+        self.call(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    def server_version(self) -> str:
+        """The server's version, as `SHOW server_version` gives it."""
+        row = self.call(
+            lambda conn: conn.execute("SELECT current_setting('server_version')").fetchone()
+        )
+        return str(row[0]) if row else ""
+
+    def last_success(self, table: TableName) -> RunRecord | None:
+        """The run of `table` that finished last with status success or partial, if any."""
+        runs = self._runs(
+            _SELECT_RUNS
+            + """ WHERE target_table = %s AND status IN ('success', 'partial')
+                    AND finished_at IS NOT NULL
+                  ORDER BY finished_at DESC LIMIT 1""",
+            (str(table),),
+        )
+        return runs[0] if runs else None
+
+    def recent_runs(self, table: TableName, limit: int) -> list[RunRecord]:
+        """The last `limit` runs of `table`, newest first."""
+        return self._runs(
+            _SELECT_RUNS + " WHERE target_table = %s ORDER BY started_at DESC, id DESC LIMIT %s",
+            (str(table), limit),
+        )
+
+    def running_run(self, table: TableName) -> RunRecord | None:
+        """The newest run of `table` still recorded as running (alive, or killed unrecorded)."""
+        runs = self._runs(
+            _SELECT_RUNS
+            + """ WHERE target_table = %s AND status = 'running'
+                  ORDER BY started_at DESC, id DESC LIMIT 1""",
+            (str(table),),
+        )
+        return runs[0] if runs else None
+
+    def run_window(self, table: TableName, hours: int = 24) -> RunWindow:
+        """Runs and failures of `table` started in the last `hours`, with duration percentiles."""
+        row = self.call(
+            lambda conn: conn.execute(
+                """SELECT count(*), count(*) FILTER (WHERE status = 'failed'),
+                          percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_s),
+                          percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_s)
+                   FROM balsync.sync_runs
+                   WHERE target_table = %s AND started_at > now() - make_interval(hours => %s)""",
+                (str(table), hours),
+            ).fetchone()
+        )
+        assert row is not None
+        return RunWindow(
+            hours=hours,
+            runs=int(row[0]),
+            failures=int(row[1]),
+            p50_duration_s=None if row[2] is None else float(row[2]),
+            p95_duration_s=None if row[3] is None else float(row[3]),
+        )
+
+    def table_totals(self, target: TargetTable) -> tuple[int, Decimal]:
+        """Rows of the target table and the exact sum of its balance column."""
+        row = self.call(
+            lambda conn: conn.execute(
+                sql.SQL("SELECT count(*), coalesce(sum({bal}), 0) FROM {table}").format(
+                    bal=sql.Identifier(target.balance_column), table=target.ident
+                )
+            ).fetchone()
+        )
+        assert row is not None
+        # str() first: an application table may keep money in a float column.
+        return int(row[0]), Decimal(str(row[1]))
+
+    def lock_holder(self, table: TableName) -> LockHolder | None:
+        """The backend that holds the advisory lock of `table` in this database, if any."""
+        # pg_stat_activity shares no column name with _LOCK_ROW's, so they need no prefix.
+        query: LiteralString = (
+            """SELECT l.pid AS backend_pid, a.application_name,
+                      host(a.client_addr) AS client_addr, a.backend_start,
+                      a.state_change, a.state
+               FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+               WHERE l.granted AND l."""
+            + _LOCK_ROW
+            + " LIMIT 1"
+        )
+
+        def run(conn: Connection) -> LockHolder | None:
+            with conn.cursor(row_factory=class_row(LockHolder)) as cur:
+                return cur.execute(query, (LOCK_CLASS, _ident(table).as_string(conn))).fetchone()
+
+        return self.call(run)
+
+    def _runs(self, query: LiteralString, params: tuple[object, ...]) -> list[RunRecord]:
+        def run(conn: Connection) -> list[RunRecord]:
+            with conn.cursor(row_factory=class_row(RunRecord)) as cur:
+                return cur.execute(query, params).fetchall()
+
+        return self.call(run)
+
+    # -- clear-cache, restore, skipped ----------------------------------------------------
+
+    def persisted_balances(
+        self, target: TargetTable, ids: Sequence[int]
+    ) -> dict[int, Decimal | None]:
+        """The balance PostgreSQL holds for each of `ids` that has a row.
+
+        None where the row holds no number (NULL, text that is none) or where two rows of an
+        application table disagree: nothing there can vouch for a Redis value.
+        """
+        if not ids:
+            return {}
+        query = sql.SQL("SELECT {id}, {bal} FROM {table} WHERE {id} = ANY(%s)").format(
+            id=sql.Identifier(target.id_column),
+            bal=sql.Identifier(target.balance_column),
+            table=target.ident,
+        )
+        rows = self.call(lambda conn: conn.execute(query, (list(ids),)).fetchall())
+        found: dict[int, Decimal | None] = {}
+        for telegram_id, balance in rows:
+            value = _exact_decimal(balance)
+            key = int(telegram_id)
+            found[key] = value if found.get(key, value) == value else None
+        return found
+
+    def stream_balances(
+        self, target: TargetTable, ids: Sequence[int] | None, batch_size: int
+    ) -> Generator[list[tuple[int, str | None]], None, None]:
+        """Each row's id and balance as PostgreSQL's text, in id order, `batch_size` at a time.
+
+        A server-side (named) cursor streams the rows, so memory stays constant whatever the
+        table's size. Ids below 1 can have no Redis key and are left out; with `ids`, only
+        those rows are read. When the connection breaks, the stream reopens after the last
+        id it yielded, within the retry budget, so no row is yielded twice.
+        """
+        id_col = sql.Identifier(target.id_column)
+        only = sql.SQL(" AND {} = ANY(%s)").format(id_col) if ids is not None else sql.SQL("")
+        query = sql.SQL(
+            "SELECT {id}, {bal}::text FROM {table} WHERE {id} > %s{only} ORDER BY {id}"
+        ).format(
+            id=id_col, bal=sql.Identifier(target.balance_column), table=target.ident, only=only
+        )
+        after = 0
+        failing_since: float | None = None
+        while True:
+            conn = self.call(lambda conn: (conn.execute("SELECT 1"), conn)[1])
+            params: tuple[object, ...] = (after,) if ids is None else (after, list(ids))
+            try:
+                with conn.transaction(), conn.cursor(name="balsync_stream") as cursor:
+                    cursor.execute(query, params)
+                    while rows := cursor.fetchmany(batch_size):
+                        failing_since = None
+                        after = int(rows[-1][0])
+                        yield [(int(i), None if b is None else str(b)) for i, b in rows]
+                return
+            except psycopg.Error as exc:
+                # A fault while the consumer closes the stream (GeneratorExit) ends it.
+                closing = isinstance(exc.__context__, GeneratorExit)
+                if closing or not retry.is_transient_postgres(exc):
+                    raise
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > self.retry_timeout:
+                    raise PostgresUnavailable(
+                        f"PostgreSQL kept breaking the stream of {target.table} for "
+                        f"{self.retry_timeout:g}s: {_first_line(exc)}",
+                        "rerunning is safe: keys already written are kept",
+                    ) from exc
+                time.sleep(0.5)
+
+    def newest_skipping_run(self, table: TableName) -> int | None:
+        """The newest run of `table` that skipped records, else its newest run, else None."""
+        row = self.call(
+            lambda conn: conn.execute(
+                """SELECT r.id FROM balsync.sync_runs r
+                   WHERE r.target_table = %s
+                   ORDER BY EXISTS (SELECT 1 FROM balsync.skipped_records s
+                                    WHERE s.run_id = r.id) DESC,
+                            r.id DESC
+                   LIMIT 1""",
+                (str(table),),
+            ).fetchone()
+        )
+        return None if row is None else int(row[0])
+
+    def run_exists(self, run_id: int) -> bool:
+        """True when balsync.sync_runs holds a run with this id."""
+        row = self.call(
+            lambda conn: conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM balsync.sync_runs WHERE id = %s)", (run_id,)
+            ).fetchone()
+        )
+        return bool(row and row[0])
+
+    def skipped_records(self, run_id: int, limit: int) -> tuple[int, list[SkippedRecord]]:
+        """The first `limit` records a run skipped, in the order it met them, and their total."""
+
+        def run(conn: Connection) -> tuple[int, list[SkippedRecord]]:
+            total = conn.execute(
+                "SELECT count(*) FROM balsync.skipped_records WHERE run_id = %s", (run_id,)
+            ).fetchone()
+            with conn.cursor(row_factory=class_row(SkippedRecord)) as cur:
+                records = cur.execute(
+                    """SELECT key, raw_value, reason, recorded_at
+                       FROM balsync.skipped_records WHERE run_id = %s ORDER BY id LIMIT %s""",
+                    (run_id, limit),
+                ).fetchall()
+            return (int(total[0]) if total else 0), records
+
+        return self.call(run)
+
+
+_SELECT_RUNS: LiteralString = """SELECT id, status, started_at, finished_at, duration_s,
+        processed, inserted, updated, unchanged, skipped, invalid, error, host, pid, version,
+        extract(epoch FROM now() - finished_at)::float8 AS age_s
+    FROM balsync.sync_runs"""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of balsync.sync_runs; `age_s` is seconds since it finished (None: unfinished)."""
+
+    id: int
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    duration_s: float | None
+    processed: int
+    inserted: int
+    updated: int
+    unchanged: int
+    skipped: int
+    invalid: int
+    error: str | None
+    host: str
+    pid: int
+    version: str
+    age_s: float | None
+
+    def to_json(self) -> dict[str, object]:
+        """The run as JSON: timestamps in ISO 8601, durations in seconds."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": None if self.finished_at is None else self.finished_at.isoformat(),
+            "duration_s": None if self.duration_s is None else round(self.duration_s, 3),
+            "processed": self.processed,
+            "inserted": self.inserted,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "skipped": self.skipped,
+            "invalid": self.invalid,
+            "error": self.error,
+            "host": self.host,
+            "pid": self.pid,
+            "version": self.version,
+        }
+
+
+@dataclass(frozen=True)
+class RunWindow:
+    """Runs of a target table over the last `hours`; percentiles over runs that finished."""
+
+    hours: int
+    runs: int
+    failures: int
+    p50_duration_s: float | None
+    p95_duration_s: float | None
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """The PostgreSQL backend holding a table's advisory lock; None where stats are hidden."""
+
+    backend_pid: int
+    application_name: str | None
+    client_addr: str | None
+    backend_start: datetime | None
+    state_change: datetime | None
+    state: str | None
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """One row of balsync.skipped_records; `raw_value` is None for a key of another type."""
+
+    key: str
+    raw_value: str | None
+    reason: str
+    recorded_at: datetime
+
+
+def _exact_decimal(value: object) -> Decimal | None:
+    """A balance as PostgreSQL returned it, as an exact Decimal, or None if it is no number."""
+    if value is None or isinstance(value, Decimal):
+        return value
+    try:
+        # str() first: an application table may keep money in a float or text column.
+        return Decimal(str(value))
+    except InvalidOperation:
+        return None
 
 
 class RunLock:
@@ -500,13 +916,10 @@ def _relation_exists(conn: Connection, table: TableName) -> bool:
 
 
 def _check_lock(conn: Connection, table: TableName, holder_pid: int) -> None:
-    classid, objid = _lock_parts(lock_key(table))
     row = conn.execute(
-        """SELECT EXISTS (SELECT 1 FROM pg_locks
-               WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND objsubid = 1
-                 AND pid = %s AND granted AND database = (
-                     SELECT oid FROM pg_database WHERE datname = current_database()))""",
-        (classid, objid, holder_pid),
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND granted AND "
+        + _LOCK_ROW + ")",
+        (holder_pid, LOCK_CLASS, _ident(table).as_string(conn)),
     ).fetchone()
     if not (row and row[0]):
         raise LockLost(
@@ -515,35 +928,184 @@ def _check_lock(conn: Connection, table: TableName, holder_pid: int) -> None:
         )
 
 
-def _merge(conn: Connection, target: TargetTable) -> BatchCounts:
-    t, ident = sql.Identifier("t"), target.ident
-    id_col, bal_col = sql.Identifier(target.id_column), sql.Identifier(target.balance_column)
-    touch = sql.SQL(", updated_at = now()") if target.has_updated_at else sql.SQL("")
-    updated = conn.execute(
-        sql.SQL(
-            """UPDATE {table} AS t SET {bal} = s.balance{touch}
-               FROM pg_temp.balsync_stage s
-               WHERE {t}.{id} = s.id AND {t}.{bal} IS DISTINCT FROM s.balance"""
-        ).format(table=ident, bal=bal_col, touch=touch, t=t, id=id_col)
-    ).rowcount
-    if not target.can_insert:
-        return BatchCounts(0, updated, _unknown_ids(conn, target))
-    insert_cols = sql.SQL(", updated_at") if target.has_updated_at else sql.SQL("")
-    insert_vals = sql.SQL(", now()") if target.has_updated_at else sql.SQL("")
-    # Only ids absent a moment ago reach ON CONFLICT, so its per-row cost is paid only when
-    # the application inserts the same id concurrently; then the newer Redis value wins.
-    inserted = conn.execute(
-        sql.SQL(
-            """INSERT INTO {table} ({id}, {bal}{cols})
-               SELECT s.id, s.balance{vals} FROM pg_temp.balsync_stage s
-               WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.{id} = s.id)
-               ON CONFLICT ({id}) DO UPDATE SET {bal} = EXCLUDED.{bal}{touch}
-               WHERE {table}.{bal} IS DISTINCT FROM EXCLUDED.{bal}"""
-        ).format(
-            table=ident, id=id_col, bal=bal_col, cols=insert_cols, vals=insert_vals, touch=touch
+def _stage(conn: Connection, payload: bytes) -> None:
+    # Temporary tables of this connection; ON COMMIT DELETE ROWS empties them per batch.
+    # They are never ANALYZEd: the planner then keeps to index lookups into the target.
+    conn.execute(
+        """CREATE TEMP TABLE IF NOT EXISTS balsync_stage (
+               id bigint NOT NULL, balance numeric(20,2) NOT NULL
+           ) ON COMMIT DELETE ROWS"""
+    )
+    conn.execute(
+        """CREATE TEMP TABLE IF NOT EXISTS balsync_delta (
+               id bigint NOT NULL, new numeric(20,2) NOT NULL, old numeric,
+               present boolean NOT NULL, written numeric(20,2), has_written boolean NOT NULL
+           ) ON COMMIT DELETE ROWS"""
+    )
+    with conn.cursor().copy("COPY pg_temp.balsync_stage (id, balance) FROM STDIN") as copy:
+        copy.write(payload)
+
+
+def _batch_done(
+    conn: Connection, target: TargetTable, run_id: int, batch_no: int
+) -> BatchCounts | None:
+    """The counts of this batch if an earlier attempt committed it (its answer was lost)."""
+    done = conn.execute(
+        """SELECT inserted, updated, unknown FROM balsync.run_batches
+           WHERE run_id = %s AND batch_no = %s""",
+        (run_id, batch_no),
+    ).fetchone()
+    if done is None:
+        return None
+    conflicts = [
+        Conflict(int(r[0]), r[1], r[2], r[3], r[4], r[5])
+        for r in conn.execute(
+            """SELECT c.telegram_id, c.db_value, c.redis_value, c.last_written, c.kind,
+                      c.resolution
+               FROM balsync.conflicts c JOIN pg_temp.balsync_stage s ON s.id = c.telegram_id
+               WHERE c.run_id = %s""",
+            (run_id,),
         )
+    ]
+    unknown = _unknown_ids(conn, target) if done[2] else []
+    return BatchCounts(int(done[0]), int(done[1]), unknown, conflicts)
+
+
+def _merge(
+    conn: Connection, target: TargetTable, policy: MergePolicy, *, dry_run: bool
+) -> BatchCounts:
+    """Classify the staged batch against the table and balsync's memory, then write.
+
+    One pass over the batch finds the few rows that need anything (the delta): new ids,
+    changed balances, and rows whose remembered value is stale. Everything after that
+    touches only the delta, so a batch where nothing changed costs one join.
+    """
+    names = {
+        "table": target.ident,
+        "id": sql.Identifier(target.id_column),
+        "bal": sql.Identifier(target.balance_column),
+    }
+    key = str(target.table)
+    delta = conn.execute(
+        sql.SQL(
+            """INSERT INTO pg_temp.balsync_delta
+               SELECT s.id, s.balance, t.{bal}, t.{id} IS NOT NULL, w.balance,
+                      w.telegram_id IS NOT NULL
+               FROM pg_temp.balsync_stage s
+               LEFT JOIN {table} t ON t.{id} = s.id
+               LEFT JOIN balsync.written w ON w.target_table = %s AND w.telegram_id = s.id
+               WHERE t.{bal} IS DISTINCT FROM s.balance OR w.balance IS DISTINCT FROM s.balance"""
+        ).format(**names),
+        (key,),
     ).rowcount
-    return BatchCounts(inserted, updated, [])
+    if delta == 0:
+        return BatchCounts(0, 0, [])
+    conflicts = _conflicts(conn, policy)
+    set_aside = [c.telegram_id for c in conflicts if c.resolution != "redis"]
+    if set_aside:
+        conn.execute("DELETE FROM pg_temp.balsync_delta WHERE id = ANY(%s)", (set_aside,))
+    unknown: list[int] = []
+    if not target.can_insert:
+        unknown = [
+            int(r[0])
+            for r in conn.execute("SELECT id FROM pg_temp.balsync_delta WHERE NOT present")
+        ]
+        conn.execute("DELETE FROM pg_temp.balsync_delta WHERE NOT present")
+    if dry_run:
+        row = conn.execute(
+            """SELECT count(*) FILTER (WHERE NOT present),
+                      count(*) FILTER (WHERE present AND old IS DISTINCT FROM new)
+               FROM pg_temp.balsync_delta"""
+        ).fetchone()
+        assert row is not None
+        return BatchCounts(int(row[0]), int(row[1]), unknown, conflicts)
+    touch = sql.SQL(", updated_at = now()") if target.has_updated_at else sql.SQL("")
+    insert_touch = (
+        (sql.SQL(", updated_at"), sql.SQL(", now()"))
+        if target.has_updated_at
+        else (sql.SQL(""), sql.SQL(""))
+    )
+    # `t.bal IS NOT DISTINCT FROM d.old` is checked again under the row lock: a row someone
+    # changes between our look and our write is left alone and found as a conflict by the
+    # next run. An id the application inserts meanwhile is left alone too (DO NOTHING).
+    row = conn.execute(
+        sql.SQL(
+            """WITH upd AS (
+                   UPDATE {table} AS t SET {bal} = d.new{touch}
+                   FROM pg_temp.balsync_delta d
+                   WHERE t.{id} = d.id AND d.present AND d.old IS DISTINCT FROM d.new
+                     AND t.{bal} IS NOT DISTINCT FROM d.old
+                   RETURNING t.{id} AS id, d.new AS balance
+               ), ins AS (
+                   INSERT INTO {table} ({id}, {bal}{cols})
+                   SELECT d.id, d.new{vals} FROM pg_temp.balsync_delta d WHERE NOT d.present
+                   ON CONFLICT ({id}) DO NOTHING
+                   RETURNING {id} AS id, {bal} AS balance
+               ), remembered AS (
+                   INSERT INTO balsync.written (target_table, telegram_id, balance)
+                   SELECT %(key)s, id, balance FROM upd
+                   UNION ALL SELECT %(key)s, id, balance FROM ins
+                   UNION ALL SELECT %(key)s, d.id, d.new FROM pg_temp.balsync_delta d
+                             WHERE d.present AND d.old = d.new
+                   ON CONFLICT (target_table, telegram_id)
+                   DO UPDATE SET balance = EXCLUDED.balance
+               )
+               SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM ins)"""
+        ).format(touch=touch, cols=insert_touch[0], vals=insert_touch[1], **names)
+        if target.can_insert
+        else sql.SQL(
+            """WITH upd AS (
+                   UPDATE {table} AS t SET {bal} = d.new{touch}
+                   FROM pg_temp.balsync_delta d
+                   WHERE t.{id} = d.id AND d.present AND d.old IS DISTINCT FROM d.new
+                     AND t.{bal} IS NOT DISTINCT FROM d.old
+                   RETURNING t.{id} AS id, d.new AS balance
+               ), remembered AS (
+                   INSERT INTO balsync.written (target_table, telegram_id, balance)
+                   SELECT %(key)s, id, balance FROM upd
+                   UNION ALL SELECT %(key)s, d.id, d.new FROM pg_temp.balsync_delta d
+                             WHERE d.present AND d.old = d.new
+                   ON CONFLICT (target_table, telegram_id)
+                   DO UPDATE SET balance = EXCLUDED.balance
+               )
+               SELECT (SELECT count(*) FROM upd), 0"""
+        ).format(touch=touch, **names),
+        {"key": key},
+    ).fetchone()
+    assert row is not None
+    accepted = [(c.telegram_id, c.db_value) for c in conflicts if c.resolution == "db"]
+    if accepted:
+        # The database won: its value becomes what balsync remembers as written.
+        conn.execute(
+            """INSERT INTO balsync.written (target_table, telegram_id, balance)
+               SELECT %s, i, b FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b)
+               ON CONFLICT (target_table, telegram_id) DO UPDATE SET balance = EXCLUDED.balance""",
+            (key, [i for i, _ in accepted], [b for _, b in accepted]),
+        )
+    return BatchCounts(int(row[1]), int(row[0]), unknown, conflicts)
+
+
+def _conflicts(conn: Connection, policy: MergePolicy) -> list[Conflict]:
+    """Rows of the delta that differ and must not simply be overwritten."""
+    rows = conn.execute(
+        """SELECT id, old, new, written, has_written AND written IS DISTINCT FROM old
+           FROM pg_temp.balsync_delta
+           WHERE present AND old IS DISTINCT FROM new
+             AND ((has_written AND written IS DISTINCT FROM old) OR %s)""",
+        (policy.hold_updates,),
+    ).fetchall()
+    found = []
+    for telegram_id, old, new, written, changed_in_db in rows:
+        if policy.hold_updates:
+            # After a Redis restart Redis may be the stale side: nothing is overwritten.
+            kind: ConflictKind = "redis_restarted"
+            resolution: Literal["kept", "redis", "db"] = "kept"
+        else:
+            assert changed_in_db
+            kind = "changed_in_db"
+            resolution = "kept" if policy.on_conflict == "skip" else policy.on_conflict
+        found.append(Conflict(int(telegram_id), old, new, written, kind, resolution))
+    return found
 
 
 def _unknown_ids(conn: Connection, target: TargetTable) -> list[int]:
@@ -556,23 +1118,24 @@ def _unknown_ids(conn: Connection, target: TargetTable) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-def _dry_counts(conn: Connection, target: TargetTable) -> BatchCounts:
-    row = conn.execute(
-        sql.SQL(
-            """SELECT count(*) FILTER (WHERE t.{id} IS NOT NULL
-                                        AND t.{bal} IS DISTINCT FROM s.balance)
-               FROM pg_temp.balsync_stage s LEFT JOIN {table} t ON t.{id} = s.id"""
-        ).format(
-            table=target.ident,
-            id=sql.Identifier(target.id_column),
-            bal=sql.Identifier(target.balance_column),
-        )
-    ).fetchone()
-    updated = int(row[0]) if row else 0
-    new_ids = _unknown_ids(conn, target)
-    if target.can_insert:
-        return BatchCounts(len(new_ids), updated, [])
-    return BatchCounts(0, updated, new_ids)
+def _store_conflicts(conn: Connection, run_id: int, conflicts: Sequence[Conflict]) -> None:
+    with conn.cursor().copy(
+        """COPY balsync.conflicts
+               (run_id, telegram_id, db_value, redis_value, last_written, kind, resolution)
+           FROM STDIN"""
+    ) as copy:
+        for c in conflicts:
+            copy.write_row(
+                (
+                    run_id,
+                    c.telegram_id,
+                    c.db_value,
+                    c.redis_value,
+                    c.last_written,
+                    c.kind,
+                    c.resolution,
+                )
+            )
 
 
 def _store_skipped(conn: Connection, run_id: int, records: Sequence[InvalidRecord]) -> None:

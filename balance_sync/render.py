@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TextIO
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,10 +20,22 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
+from balance_sync.cache import ClearResult
+from balance_sync.health import HealthReport, format_duration
+from balance_sync.pg_store import Conflict, RunRecord
+from balance_sync.restore import RestoreResult
+from balance_sync.schedule import ScheduleChange
+from balance_sync.skipped import SkippedListing
+from balance_sync.stats import StatsReport
+from balance_sync.status import StatusReport
 from balance_sync.sync import BatchReport, SyncResult
+from balance_sync.verify import VerifyResult, money_text
 
 _STATUS_STYLE = {
+    "in_sync": "green",
+    "drift": "red",
     "success": "green",
     "partial": "yellow",
     "skipped": "cyan",
@@ -106,3 +120,381 @@ class SyncProgress:
         """Advance the bar after a batch."""
         if self._progress is not None:
             self._progress.update(self._task, completed=report.total_processed)  # type: ignore[arg-type]
+
+
+def conflict_json(conflict: Conflict) -> dict[str, object]:
+    """One conflict for `--json`; money as exact decimal strings."""
+    return {
+        "telegram_id": conflict.telegram_id,
+        "db_value": None if conflict.db_value is None else str(conflict.db_value),
+        "redis_value": str(conflict.redis_value),
+        "last_written": None if conflict.last_written is None else str(conflict.last_written),
+        "kind": conflict.kind,
+        "resolution": conflict.resolution,
+    }
+
+
+def conflicts_table(run_id: int | None, conflicts: list[Conflict], prefix: str) -> Table:
+    """The conflicts of a run."""
+    table = Table(title=f"Conflicts of run {run_id}", title_justify="left")
+    for column in ("key", "PostgreSQL", "Redis", "last written", "kind", "resolution"):
+        table.add_column(column, justify="right" if column in ("PostgreSQL", "Redis") else "left")
+    for c in conflicts:
+        table.add_row(
+            f"{prefix}{c.telegram_id}", str(c.db_value), str(c.redis_value),
+            "" if c.last_written is None else str(c.last_written), c.kind, c.resolution,
+        )
+    return table
+
+
+# -- verify -------------------------------------------------------------------------------
+
+
+def verify_tables(result: VerifyResult, target: str) -> list[Table]:
+    """A verify's summary, then one table of examples for each kind of discrepancy found."""
+    summary = Table(
+        title=f"Redis compared with {target}", show_header=False, title_justify="left"
+    )
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_row("status", styled(result.status))
+    summary.add_row("Redis keys", f"{result.redis_keys:,}")
+    summary.add_row("valid keys", f"{result.valid_keys:,}")
+    summary.add_row("invalid keys (ignored)", f"{result.invalid_keys:,}")
+    summary.add_row("PostgreSQL rows", f"{result.pg_rows:,}")
+    summary.add_row("sum in Redis", money_text(result.redis_sum))
+    summary.add_row("sum in PostgreSQL", money_text(result.pg_sum))
+    summary.add_row("missing in PostgreSQL", f"{result.missing_in_pg:,}")
+    summary.add_row("differing", f"{result.differing:,}")
+    summary.add_row("missing in Redis", f"{result.missing_in_redis:,}")
+    summary.add_row("duration", f"{result.duration_s:.2f} s")
+    tables = [summary]
+    kinds = (
+        (
+            "Missing in PostgreSQL",
+            result.missing_in_pg,
+            [(e.key, e.redis, "") for e in result.missing_in_pg_examples],
+        ),
+        (
+            "Differing",
+            result.differing,
+            [(e.key, e.redis, _or_null(e.postgres)) for e in result.differing_examples],
+        ),
+        (
+            "Missing in Redis",
+            result.missing_in_redis,
+            [(e.key, "", _or_null(e.postgres)) for e in result.missing_in_redis_examples],
+        ),
+    )
+    for title, total, rows in kinds:
+        if not rows:
+            continue
+        shown = f"{title} (first {len(rows):,} of {total:,})" if total > len(rows) else title
+        table = Table(title=shown, title_justify="left")
+        table.add_column("key")
+        table.add_column("Redis", justify="right")
+        table.add_column("PostgreSQL", justify="right")
+        for row in rows:
+            # Text, not markup: a key's `[...]` or `:name:` must print as it is.
+            table.add_row(*(Text(cell) for cell in row))
+        tables.append(table)
+    return tables
+
+
+def _or_null(value: str | None) -> str:
+    return "NULL" if value is None else value
+
+
+# -- clear-cache, restore, skipped --------------------------------------------------------
+
+_KEPT_LABELS = {
+    "not_persisted": "not persisted",
+    "differs": "differs from PostgreSQL",
+    "invalid": "invalid",
+    "recently_used": "recently used",
+    "changed": "changed meanwhile",
+}
+RAW_VALUE_WIDTH = 60
+
+
+def clear_cache_table(result: ClearResult, target: str) -> Table:
+    """The summary of one clear-cache as a two-column table."""
+    title = (
+        "Dry run of clear-cache: nothing was deleted"
+        if result.dry_run
+        else f"clear-cache against {target}"
+    )
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("status", styled(result.status))
+    if result.status == "skipped":
+        table.add_row("reason", result.reason)
+        return table
+    table.add_row("scanned", f"{result.scanned:,}")
+    table.add_row("would be deleted" if result.dry_run else "deleted", f"{result.deleted:,}")
+    table.add_row("kept", f"{result.kept:,}")
+    for reason, count in result.kept_by_reason.items():
+        if count:
+            table.add_row(f"  {_KEPT_LABELS[reason]}", f"{count:,}")
+    label = "memory it would free" if result.dry_run else "memory freed"
+    table.add_row(label, _bytes_text(result.memory_freed_bytes))
+    return table
+
+
+def restore_table(result: RestoreResult, target: str) -> Table:
+    """The summary of one restore as a two-column table."""
+    title = (
+        "Dry run of restore: nothing was written" if result.dry_run else f"restore from {target}"
+    )
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("status", styled(result.status))
+    if result.status == "skipped":
+        table.add_row("reason", result.reason)
+        return table
+    table.add_row("rows read", f"{result.total:,}")
+    table.add_row("would be restored" if result.dry_run else "restored", f"{result.restored:,}")
+    table.add_row("already present", f"{result.already_present:,}")
+    if result.invalid:
+        table.add_row("not restorable", f"{result.invalid:,}")
+    if result.not_found:
+        table.add_row("ids without a row", f"{result.not_found:,}")
+    return table
+
+
+def skipped_table(listing: SkippedListing) -> Table:
+    """The skipped records of one run; values cut to RAW_VALUE_WIDTH characters."""
+    shown = len(listing.records)
+    title = f"Records skipped by run {listing.run_id}"
+    if listing.total > shown:
+        title += f" (first {shown:,} of {listing.total:,}; --limit shows more, --json in full)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("key")
+    table.add_column("raw value")
+    table.add_column("reason")
+    table.add_column("recorded at")
+    for record in listing.records:
+        raw = "—" if record.raw_value is None else _cut(record.raw_value, RAW_VALUE_WIDTH)
+        # Text, not markup: a key or value holding `[...]` must print as it is.
+        table.add_row(
+            Text(record.key),
+            Text(raw),
+            Text(record.reason),
+            record.recorded_at.isoformat(sep=" ", timespec="seconds"),
+        )
+    return table
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _bytes_text(count: int | None) -> str:
+    if count is None:
+        return "n/a"
+    size, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{count:,} B" if unit == "B" else f"{size:.1f} {unit} ({count:,} B)"
+
+
+def skipped_hint(result: SyncResult) -> str:
+    """Where to look when a run skipped records."""
+    if result.run_id is None:
+        return f"{result.skipped} record(s) would be skipped (run with -v to list them)"
+    places = []
+    if result.skipped - result.conflicts > 0:
+        places.append(f"`balsync skipped --run {result.run_id}`")
+    if result.conflicts:
+        places.append(f"`balsync conflicts --run {result.run_id}`")
+    return f"{result.skipped} record(s) skipped: see " + " and ".join(places)
+
+
+# -- operator commands: health, stats, status, schedule -----------------------------------
+
+_BAR = "█"
+_CHART_WIDTH = 40
+
+
+def _when(moment: datetime | None) -> str:
+    """A timestamp in the machine's local time."""
+    return "" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:,.2f} s"
+
+
+def health_table(report: HealthReport) -> Table:
+    """One row per check, failing ones in red."""
+    table = Table(title=f"Health: {styled(report.status)}", title_justify="left")
+    table.add_column("check", style="bold")
+    table.add_column("ok", justify="center")
+    table.add_column("detail")
+    table.add_column("latency", justify="right")
+    for check in report.checks:
+        table.add_row(
+            check.name,
+            "[green]✓[/]" if check.ok else "[red]✗[/]",
+            escape(check.detail) if check.ok else f"[red]{escape(check.detail)}[/]",
+            "" if check.latency_ms is None else f"{check.latency_ms:.1f} ms",
+        )
+    return table
+
+
+def run_table(run: RunRecord, title: str) -> Table:
+    """One run record in full, as a two-column table."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("run id", str(run.id))
+    table.add_row("status", styled(run.status))
+    table.add_row("started", _when(run.started_at))
+    table.add_row("finished", _when(run.finished_at) or "not yet")
+    table.add_row("duration", _seconds(run.duration_s))
+    for name in ("processed", "inserted", "updated", "unchanged", "skipped", "invalid"):
+        table.add_row(name, f"{getattr(run, name):,}")
+    if run.error:
+        table.add_row("error", f"[red]{escape(run.error)}[/]")
+    table.add_row("host, pid", f"{escape(run.host)}, {run.pid}")
+    table.add_row("version", run.version)
+    return table
+
+
+def runs_table(runs: Sequence[RunRecord]) -> Table:
+    """The last runs, newest first."""
+    table = Table(title=f"Last {len(runs)} runs", title_justify="left")
+    for column in ("id", "started", "status", "duration"):
+        table.add_column(
+            column, justify="right" if column in ("id", "duration") else "left", no_wrap=True
+        )
+    for column in ("processed", "inserted", "updated", "skipped"):
+        table.add_column(column, justify="right")
+    for run in runs:
+        table.add_row(
+            str(run.id),
+            run.started_at.astimezone().strftime("%Y-%m-%d %H:%M"),
+            styled(run.status),
+            _seconds(run.duration_s),
+            f"{run.processed:,}",
+            f"{run.inserted:,}",
+            f"{run.updated:,}",
+            f"{run.skipped:,}",
+        )
+    return table
+
+
+def duration_chart(runs: Sequence[RunRecord]) -> Table:
+    """The durations of the runs as bars of █, the longest one full width."""
+    timed = [run for run in runs if run.duration_s is not None]
+    longest = max((run.duration_s or 0.0 for run in timed), default=0.0)
+    table = Table(title="Run durations", show_header=False, title_justify="left", box=None)
+    table.add_column(justify="right", style="bold")
+    table.add_column()
+    table.add_column(justify="right")
+    for run in timed:
+        duration = run.duration_s or 0.0
+        width = max(1, round(_CHART_WIDTH * duration / longest)) if longest > 0 else 1
+        colour = _STATUS_STYLE.get(run.status, "white")
+        table.add_row(str(run.id), f"[{colour}]{_BAR * width}[/]", _seconds(duration))
+    return table
+
+
+def stats_views(report: StatsReport) -> list[RenderableType]:
+    """Everything `balsync stats` shows, in reading order."""
+    views: list[RenderableType] = []
+    if report.last_run is None:
+        views.append(f"No runs of {report.table} are recorded yet.")
+    else:
+        views.append(run_table(report.last_run, f"Last run of {report.table}"))
+        views.append(runs_table(report.runs))
+        views.append(duration_chart(report.runs))
+    window = report.window
+    figures = Table(title="Figures", show_header=False, title_justify="left")
+    figures.add_column(style="bold")
+    figures.add_column(justify="right")
+    figures.add_row(f"runs, last {window.hours} h", f"{window.runs:,}")
+    failures = f"{window.failures:,}"
+    figures.add_row("failures", f"[red]{failures}[/]" if window.failures else failures)
+    figures.add_row("duration p50", _seconds(window.p50_duration_s) or "n/a")
+    figures.add_row("duration p95", _seconds(window.p95_duration_s) or "n/a")
+    figures.add_row(f"Redis keys under {escape(report.key_prefix)}", f"{report.redis_keys:,}")
+    figures.add_row("Redis memory", report.redis_used_memory_human)
+    figures.add_row(f"PostgreSQL rows in {report.table}", f"{report.pg_rows:,}")
+    figures.add_row("PostgreSQL sum of balances", f"{report.pg_balance_sum:,}")
+    views.append(figures)
+    return views
+
+
+def status_table(report: StatusReport) -> Table:
+    """Whether a sync runs, how the last one ended, and when cron starts the next ones."""
+    table = Table(title=f"Status of {report.table}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    holder, run = report.holder, report.current_run
+    if holder is None:
+        table.add_row("running", "no sync is running")
+    else:
+        who = f"PostgreSQL backend {holder.backend_pid}"
+        if holder.application_name:
+            who += f" ({holder.application_name}"
+            who += f" from {holder.client_addr})" if holder.client_addr else ")"
+        since = run.started_at if run is not None else holder.backend_start
+        table.add_row("running", f"[cyan]a sync holds the lock[/] since {_when(since)}")
+        if run is not None:
+            table.add_row("", f"run {run.id} on host {run.host}, pid {run.pid}")
+        table.add_row("", who)
+    if report.abandoned_run is not None:
+        dead = report.abandoned_run
+        table.add_row(
+            "abandoned",
+            f"[yellow]run {dead.id} (host {dead.host}, pid {dead.pid}, started "
+            f"{_when(dead.started_at)}) is marked running but holds no lock: its process "
+            "died; the next sync marks it failed[/]",
+        )
+    last = report.last_run
+    if last is None:
+        table.add_row("last run", "none recorded")
+    else:
+        ended = _when(last.finished_at)
+        if last.age_s is not None:
+            ended += f" ({format_duration(last.age_s)} ago)"
+        summary = (
+            f"run {last.id} {styled(last.status)}, finished {ended}, "
+            f"{_seconds(last.duration_s)}, {last.processed:,} processed, "
+            f"{last.skipped:,} skipped"
+        )
+        table.add_row("last run", summary)
+        if last.error:
+            table.add_row("", f"[red]{escape(last.error)}[/]")
+    schedule = report.schedule
+    table.add_row("crontab", escape(schedule.detail))
+    for entry in schedule.entries:
+        table.add_row("", escape(entry.line))
+    for number, fire in enumerate(schedule.next_runs):
+        table.add_row(
+            "next runs" if number == 0 else "",
+            f"{_when(fire.at)}  {escape(fire.entry.command)}",
+        )
+    return table
+
+
+def schedule_message(change: ScheduleChange) -> str:
+    """What `balsync schedule --install/--uninstall` did, in one line."""
+    if change.action == "install":
+        return (
+            "installed balsync's schedule in the crontab:"
+            if change.changed
+            else "balsync's schedule is already installed; the crontab is unchanged:"
+        )
+    if change.action == "uninstall":
+        return (
+            "removed balsync's schedule from the crontab"
+            if change.changed
+            else "the crontab holds no balsync schedule; nothing to remove"
+        )
+    return ""

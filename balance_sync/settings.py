@@ -70,9 +70,10 @@ class Settings:
 
     @property
     def is_default_table(self) -> bool:
-        """True for the table balsync owns and `init-db` creates."""
+        """True for balsync's own table, which `init-db` creates: `user_balances` with the
+        default columns, in any schema. Anything else is an application's table."""
         return (
-            self.table == TableName(DEFAULT_TABLE)
+            self.table.name == DEFAULT_TABLE
             and self.id_column == "telegram_id"
             and self.balance_column == "balance"
         )
@@ -142,16 +143,20 @@ def check_database_url(url: str) -> str:
     """Reject a PostgreSQL URL or conninfo string that libpq cannot parse."""
     if not url:
         return url
+    hint = "use postgresql://user@host:port/dbname or a libpq conninfo string"
     try:
-        psycopg.conninfo.conninfo_to_dict(url)
+        params = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        raise ConfigError(
-            f"invalid PostgreSQL URL {mask_url(url)}",
-            "use postgresql://user@host:port/dbname or a libpq conninfo string",
-        ) from exc
+        raise ConfigError(f"invalid PostgreSQL URL {mask_url(url)}", hint) from exc
+    # libpq checks numbers only when it connects, which would look like an outage (exit 4).
+    for name in ("port", "connect_timeout"):
+        value = str(params.get(name) or "")
+        if value and not all(p.isdigit() and 0 < int(p) < 65536 for p in value.split(",")):
+            raise ConfigError(f"invalid PostgreSQL URL {mask_url(url)}: bad {name}", hint)
     return url
 
 
+_USERINFO_PASSWORD = re.compile(r"(//[^/@:]*:)[^@]*@")
 _CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
@@ -159,8 +164,8 @@ def mask_url(url: str) -> str:
     """Hide the password of a URL or libpq conninfo string; everything else stays readable."""
     try:
         parts = urlsplit(url)
-    except ValueError:
-        return _CONNINFO_PASSWORD.sub(r"\1***", url)
+    except ValueError:  # unparsable, but may still carry user:password@
+        return _CONNINFO_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
     if parts.scheme and parts.netloc and parts.password is not None:
         userinfo, _, hostinfo = parts.netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
@@ -177,6 +182,11 @@ def _number(raw: object, name: str, *, minimum: float) -> float:
     if not value >= minimum:  # also rejects NaN
         raise ConfigError(f"{name} must be at least {minimum:g}, not {raw!r}")
     return value
+
+
+def _or_default(value: str | None, default: str) -> str:
+    # Only an absent setting takes the default; an empty one (`--table "$UNSET"`) is an error.
+    return default if value is None else value
 
 
 def _choice(raw: str, name: str, allowed: tuple[str, ...]) -> str:
@@ -222,7 +232,8 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
         ("id_column", "BALSYNC_ID_COLUMN", "telegram_id"),
         ("balance_column", "BALSYNC_BALANCE_COLUMN", "balance"),
     ):
-        column = pick(option, env) or default
+        column = pick(option, env)
+        column = default if column is None else column
         if not _IDENTIFIER.fullmatch(column):
             raise ConfigError(f"invalid column name {column!r}", "letters, digits and _ only")
         columns[option] = column
@@ -238,7 +249,7 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
         redis_url=check_redis_url(redis_url),
         database_url=check_database_url(database_url),
         key_prefix=key_prefix,
-        table=TableName.parse(pick("table", "BALSYNC_TABLE") or DEFAULT_TABLE),
+        table=TableName.parse(_or_default(pick("table", "BALSYNC_TABLE"), DEFAULT_TABLE)),
         id_column=columns["id_column"],
         balance_column=columns["balance_column"],
         log_file=Path(log_file) if log_file else None,

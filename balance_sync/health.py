@@ -1,0 +1,370 @@
+"""Health: can balsync reach both stores, is its schema there, is the last sync recent, and
+is money at risk in Redis (eviction, expiring keys, memory, a restart since the last sync).
+
+Every check only reads. A store that cannot be reached within the retry budget is a failing
+check in the report, not an exception, so a monitor always gets the whole picture; the
+checks that need it are reported as not checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from balance_sync.errors import (
+    BalsyncError,
+    PostgresUnavailable,
+    RedisUnavailable,
+    SchemaMissing,
+)
+from balance_sync.pg_store import Database, RunRecord
+from balance_sync.redis_store import RedisStore, ServerInfo
+from balance_sync.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Status = Literal["healthy", "degraded", "unhealthy"]
+DEFAULT_MAX_AGE = 7200.0  # two hourly runs missed
+TTL_SAMPLE_SIZE = 1000
+MEMORY_WARN_RATIO = 0.9
+# uptime_in_seconds is truncated to whole seconds; without this slack a sync that finished
+# within the server's first second would look older than the server.
+_UPTIME_SLACK_S = 1.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: what was checked, whether it passed, and in words why."""
+
+    name: str
+    ok: bool
+    detail: str
+    latency_ms: float | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """SPEC's check object."""
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "detail": self.detail,
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
+        }
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Every check, and whether a store could not be reached at all."""
+
+    checks: tuple[Check, ...]
+    redis_error: RedisUnavailable | None = None
+    postgres_error: PostgresUnavailable | None = None
+
+    @property
+    def status(self) -> Status:
+        """unhealthy: a store is unreachable; degraded: another check failed; else healthy."""
+        if self.redis_error is not None or self.postgres_error is not None:
+            return "unhealthy"
+        return "healthy" if all(check.ok for check in self.checks) else "degraded"
+
+    @property
+    def exit_code(self) -> int:
+        """SPEC's code: 0 healthy, 1 degraded, 3 Redis unreachable, 4 PostgreSQL unreachable.
+
+        With both unreachable Redis wins: it is checked first, and it holds the money.
+        """
+        if self.redis_error is not None:
+            return self.redis_error.exit_code
+        if self.postgres_error is not None:
+            return self.postgres_error.exit_code
+        return 0 if self.status == "healthy" else 1
+
+    def to_json(self) -> dict[str, object]:
+        """SPEC's health object."""
+        return {"status": self.status, "checks": [check.to_json() for check in self.checks]}
+
+
+def check_health(settings: Settings, max_age: float = DEFAULT_MAX_AGE) -> HealthReport:
+    """Run every check once, changing nothing, and report.
+
+    `max_age` is how many seconds ago the last successful sync may have finished. An
+    unreachable store costs at most one retry budget (`settings.retry_timeout`), not one
+    per check.
+    """
+    redis = RedisStore(settings.redis_url, settings.retry_timeout)
+    db = Database(settings.database_url, settings.retry_timeout)
+    try:
+        return _Probe(settings, max_age, redis, db).run()
+    finally:
+        redis.close()
+        db.close()
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as a person reads it: 42 s, 12 min, 3.5 h, 2.1 d."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+class _NotChecked(Exception):
+    """A check could not run because an earlier one broke."""
+
+
+class _Probe:
+    """The state one health run shares between its checks."""
+
+    def __init__(self, settings: Settings, max_age: float, redis: RedisStore, db: Database) -> None:
+        self.settings = settings
+        self.max_age = max_age
+        self.redis = redis
+        self.db = db
+        self.info: ServerInfo | None = None
+        self.redis_error: RedisUnavailable | None = None
+        self.postgres_error: PostgresUnavailable | None = None
+        self.schema_error: SchemaMissing | None = None
+        self.last: RunRecord | None = None
+
+    def run(self) -> HealthReport:
+        checks = tuple(
+            self._guard(name, check)
+            for name, check in (
+                ("redis", self.redis_reachable),
+                ("postgres", self.postgres_reachable),
+                ("schema", self.schema),
+                ("last_sync", self.last_sync),
+                ("eviction_policy", self.eviction_policy),
+                ("key_ttl", self.key_ttl),
+                ("memory", self.memory),
+                ("redis_restart", self.redis_restart),
+            )
+        )
+        return HealthReport(checks, self.redis_error, self.postgres_error)
+
+    def _guard(self, name: str, check: Callable[[], Check]) -> Check:
+        """Run one check; an unreachable store or a broken check becomes a failing line."""
+        try:
+            return check()
+        except RedisUnavailable as exc:
+            if exc is self.redis_error:
+                detail = "not checked: Redis is unreachable"
+            else:
+                self.redis_error, detail = exc, _sentence(exc)
+        except PostgresUnavailable as exc:
+            if exc is self.postgres_error:
+                detail = "not checked: PostgreSQL is unreachable"
+            else:
+                self.postgres_error, detail = exc, _sentence(exc)
+        except SchemaMissing as exc:
+            detail = f"not checked: {exc.message}"
+        except _NotChecked as exc:
+            detail = f"not checked: {exc}"
+        except Exception as exc:  # a check that breaks fails, and the others still run
+            log.warning("health check %s failed: %s", name, exc, exc_info=True)
+            detail = f"check failed: {type(exc).__name__}: {exc}"
+        return Check(name, ok=False, detail=detail)
+
+    def _server(self) -> ServerInfo:
+        if self.info is None:
+            if self.redis_error is not None:
+                raise self.redis_error
+            raise _NotChecked("Redis did not describe itself (INFO failed)")
+        return self.info
+
+    def _require_schema(self) -> None:
+        if self.postgres_error is not None:
+            raise self.postgres_error
+        if self.schema_error is not None:
+            raise self.schema_error
+
+    # -- reachability ---------------------------------------------------------------------
+
+    def redis_reachable(self) -> Check:
+        self.redis.ping()  # connects, under the retry budget
+        latency_ms = _timed_ms(self.redis.ping)
+        self.info = info = self.redis.server_info()
+        return Check(
+            "redis",
+            ok=True,
+            detail=f"{self.settings.redis_display}: version {info.version}, role {info.role}",
+            latency_ms=latency_ms,
+        )
+
+    def postgres_reachable(self) -> Check:
+        self.db.ping()
+        latency_ms = _timed_ms(self.db.ping)
+        version = self.db.server_version()
+        return Check(
+            "postgres",
+            ok=True,
+            detail=f"{self.settings.database_display}: PostgreSQL {version}",
+            latency_ms=latency_ms,
+        )
+
+    # -- PostgreSQL -----------------------------------------------------------------------
+
+    def schema(self) -> Check:
+        if self.postgres_error is not None:
+            raise self.postgres_error
+        try:
+            self.db.require_schema()
+            self.db.describe_target(self.settings)
+        except SchemaMissing as exc:
+            self.schema_error = exc
+            return Check("schema", ok=False, detail=_sentence(exc))
+        return Check(
+            "schema",
+            ok=True,
+            detail=f"schema balsync and table {self.settings.table} are present",
+        )
+
+    def last_sync(self) -> Check:
+        self._require_schema()
+        table = self.settings.table
+        self.last = last = self.db.last_success(table)
+        if last is None or last.age_s is None:
+            return Check(
+                "last_sync",
+                ok=False,
+                detail=f"no successful sync of {table} is recorded; run `balsync sync`",
+            )
+        ago = format_duration(last.age_s)
+        if last.age_s > self.max_age:
+            return Check(
+                "last_sync",
+                ok=False,
+                detail=f"the last successful sync (run {last.id}, {last.status}) finished "
+                f"{ago} ago, more than --max-age {format_duration(self.max_age)}: "
+                "is cron starting balsync? (`balsync status`)",
+            )
+        return Check(
+            "last_sync",
+            ok=True,
+            detail=f"the last successful sync (run {last.id}, {last.status}) finished {ago} ago",
+        )
+
+    # -- risks to money in Redis ----------------------------------------------------------
+
+    def eviction_policy(self) -> Check:
+        info = self._server()
+        policy = info.maxmemory_policy
+        source = (
+            " (read from INFO: CONFIG GET is not permitted)" if info.policy_source == "INFO" else ""
+        )
+        if policy == "noeviction":
+            return Check(
+                "eviction_policy",
+                ok=True,
+                detail="maxmemory-policy noeviction: a full Redis refuses writes rather than "
+                f"evict balance keys{source}",
+            )
+        if policy.startswith("volatile-"):
+            risk = (
+                "when memory is full Redis evicts keys that carry a TTL, so balance keys "
+                "with a TTL can vanish before a sync persists them"
+            )
+        elif policy.startswith("allkeys-"):
+            risk = "when memory is full Redis may evict any key, balance keys included"
+        else:
+            risk = "balsync cannot tell whether Redis may evict balance keys"
+        if info.maxmemory == 0:
+            risk += " (no maxmemory is set yet, so it applies once one is)"
+        return Check(
+            "eviction_policy",
+            ok=False,
+            detail=f"maxmemory-policy {policy}: {risk}; set noeviction{source}",
+        )
+
+    def key_ttl(self) -> Check:
+        self._server()
+        prefix = self.settings.key_prefix
+        sample = self.redis.sample_ttls(prefix, TTL_SAMPLE_SIZE)
+        if sample.sampled == 0:
+            return Check("key_ttl", ok=True, detail=f"no balance keys under {prefix!r} to sample")
+        if sample.with_ttl == 0:
+            return Check(
+                "key_ttl",
+                ok=True,
+                detail=f"none of {sample.sampled} sampled balance keys carries a TTL",
+            )
+        examples = ", ".join(key.decode("utf-8", "backslashreplace") for key in sample.examples)
+        return Check(
+            "key_ttl",
+            ok=False,
+            detail=f"{sample.with_ttl} of {sample.sampled} sampled balance keys carry a TTL "
+            f"(e.g. {examples}): when one expires, a balance changed since the last sync "
+            "is lost with it",
+        )
+
+    def memory(self) -> Check:
+        info = self._server()
+        if info.maxmemory <= 0:
+            return Check(
+                "memory", ok=True, detail=f"{info.used_memory_human} used, no maxmemory limit"
+            )
+        ratio = info.used_memory / info.maxmemory
+        detail = f"{info.used_memory_human} of maxmemory {info.maxmemory_human} used ({ratio:.0%})"
+        if ratio <= MEMORY_WARN_RATIO:
+            return Check("memory", ok=True, detail=detail)
+        consequence = (
+            "refuses writes (the bot's balance updates fail)"
+            if info.maxmemory_policy == "noeviction"
+            else "evicts keys"
+        )
+        return Check(
+            "memory",
+            ok=False,
+            detail=f"{detail}: near the limit, where Redis {consequence}",
+        )
+
+    def redis_restart(self) -> Check:
+        info = self._server()
+        self._require_schema()
+        up = f"up {format_duration(info.uptime_s)}, run_id {info.run_id}"
+        last = self.last
+        if last is None or last.age_s is None:
+            return Check(
+                "redis_restart",
+                ok=True,
+                detail=f"{up}; no successful sync to compare with",
+            )
+        if info.uptime_s + _UPTIME_SLACK_S < last.age_s:
+            return Check(
+                "redis_restart",
+                ok=False,
+                detail=f"Redis restarted {format_duration(info.uptime_s)} ago (run_id "
+                f"{info.run_id}), after the last successful sync finished "
+                f"{format_duration(last.age_s)} ago: balances written in between are lost "
+                "unless Redis persisted them; compare `balsync stats` key and row counts",
+            )
+        # A failover lands on a server that may have been up for days: its run_id tells.
+        trusted = self.db.redis_baseline(self.settings.table)
+        if trusted is not None and trusted != info.run_id:
+            return Check(
+                "redis_restart",
+                ok=False,
+                detail=f"Redis run_id is {info.run_id}, not {trusted} as at the last trusted "
+                "sync: it restarted or failed over since; until `balsync sync "
+                "--accept-redis-restart`, syncs overwrite no row that differs from Redis",
+            )
+        return Check(
+            "redis_restart",
+            ok=True,
+            detail=f"{up}: no restart since the last successful sync",
+        )
+
+
+def _timed_ms(fn: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000
+
+
+def _sentence(exc: BalsyncError) -> str:
+    return f"{exc.message} — {exc.hint}" if exc.hint else exc.message

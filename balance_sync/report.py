@@ -1,0 +1,72 @@
+"""A sync as monitoring sees it: a start ping before it, metrics and an end ping after it.
+
+Failed runs are reported too, before their error goes on to the CLI. Neither a ping nor the
+metrics file can fail a sync or change its exit code; a dry run is reported nowhere, since
+it writes nothing anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from balance_sync.errors import BalsyncError, PostgresUnavailable, RedisUnavailable
+from balance_sync.metrics import RunMetrics, write_metrics
+from balance_sync.ping import send
+from balance_sync.settings import Settings
+from balance_sync.sync import BatchReport, SyncOptions, SyncResult, run_sync
+
+UNEXPECTED_EXIT = 5
+
+
+def run_reported(
+    settings: Settings,
+    options: SyncOptions,
+    on_batch: Callable[[BatchReport], None] | None = None,
+) -> SyncResult:
+    """Run one sync as `run_sync` does, reporting it to the ping URL and the metrics file.
+
+    The ping says success for a run that succeeded or was skipped, fail for a partial run
+    (exit 1: records need a look) and for a failed one, whose exception is then re-raised.
+    """
+    if options.dry_run or (settings.ping_url is None and settings.metrics_file is None):
+        return run_sync(settings, options, on_batch)
+    if settings.ping_url is not None:
+        send(settings.ping_url, "start")
+    started = time.monotonic()
+    try:
+        result = run_sync(settings, options, on_batch)
+    except Exception as exc:
+        failed = SyncResult(status="failed", dry_run=False, duration_s=time.monotonic() - started)
+        if isinstance(exc, BalsyncError):
+            _report(settings, failed, exc.exit_code, str(exc))
+        else:
+            _report(settings, failed, UNEXPECTED_EXIT, f"{type(exc).__name__}: {exc}")
+        raise
+    _report(settings, result, 1 if result.status == "partial" else 0)
+    return result
+
+
+def _report(settings: Settings, result: SyncResult, exit_code: int, error: str = "") -> None:
+    if settings.metrics_file is not None:
+        run = RunMetrics(
+            table=str(settings.table),
+            status=result.status,
+            finished_at=time.time(),
+            duration_s=result.duration_s,
+            records=result.counters(),
+            redis_up=exit_code != RedisUnavailable.exit_code,
+            postgres_up=exit_code != PostgresUnavailable.exit_code,
+        )
+        write_metrics(settings.metrics_file, run)
+    if settings.ping_url is not None:
+        summary: dict[str, object] = {
+            **result.to_json(),
+            "table": str(settings.table),
+            "exit_code": exit_code,
+        }
+        if error:
+            summary["error"] = error
+        body = json.dumps(summary).encode()
+        send(settings.ping_url, "success" if exit_code == 0 else "fail", body)

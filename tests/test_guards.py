@@ -1,0 +1,226 @@
+"""Guards against silent loss: rows changed behind balsync's back, Redis restarts, rounding."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from tests.conftest import Balsync, balances
+from tests.devservers import ValkeyServer
+
+
+def sync_json(balsync: Balsync, *args: str) -> tuple[int, dict[str, object]]:
+    result = balsync("sync", "--json", "--force", *args)
+    assert result.stdout, result.stderr
+    return result.exit_code, json.loads(result.stdout)
+
+
+def conflicts_json(balsync: Balsync, *args: str) -> dict[str, object]:
+    result = balsync.ok("conflicts", "--json", *args)
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def synced(initialized: Balsync, rds: redis.Redis, key_prefix: str) -> Balsync:
+    """Ids 1..5 synced once, so balsync remembers what it wrote."""
+    rds.mset({f"{key_prefix}{i}": f"{i}.00" for i in range(1, 6)})
+    code, data = sync_json(initialized)
+    assert (code, data["inserted"]) == (0, 5)
+    return initialized
+
+
+def test_row_changed_in_postgres_is_kept_and_reported(synced, rds, key_prefix, pg):
+    """An admin correction is not overwritten by a stale or newer Redis value: exit 1."""
+    pg.execute("UPDATE user_balances SET balance = 100 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}2", "20.00")  # an ordinary change elsewhere still goes through
+    code, data = sync_json(synced)
+    assert code == 1
+    assert data["status"] == "partial"
+    assert (data["updated"], data["skipped"], data["invalid"]) == (1, 1, 0)
+    assert balances(pg)[1] == "100.00"
+    assert balances(pg)[2] == "20.00"
+    listed = conflicts_json(synced)
+    assert listed["run_id"] == data["run_id"]
+    assert listed["conflicts"] == [
+        {
+            "telegram_id": 1,
+            "db_value": "100.00",
+            "redis_value": "1.00",
+            "last_written": "1.00",
+            "kind": "changed_in_db",
+            "resolution": "kept",
+        }
+    ]
+
+
+def test_conflict_is_reported_again_until_resolved(synced, pg):
+    """A kept conflict stays a conflict on the next run; nothing drifts silently."""
+    pg.execute("UPDATE user_balances SET balance = 100 WHERE telegram_id = 1")
+    assert sync_json(synced)[0] == 1
+    assert sync_json(synced)[0] == 1
+    assert balances(pg)[1] == "100.00"
+
+
+def test_on_conflict_redis_overwrites_and_records(synced, pg):
+    """--on-conflict redis: Redis wins, the conflict is listed as resolved, exit 0."""
+    pg.execute("UPDATE user_balances SET balance = 100 WHERE telegram_id = 1")
+    code, data = sync_json(synced, "--on-conflict", "redis")
+    assert (code, data["updated"], data["skipped"]) == (0, 1, 0)
+    assert balances(pg)[1] == "1.00"
+    assert conflicts_json(synced)["conflicts"][0]["resolution"] == "redis"  # type: ignore[index]
+    assert sync_json(synced)[0] == 0  # and it is no conflict any more
+
+
+def test_on_conflict_db_keeps_postgres_and_gives_redis_its_value(synced, rds, key_prefix, pg):
+    """--on-conflict db: PostgreSQL wins and Redis is set to its value, exit 0."""
+    pg.execute("UPDATE user_balances SET balance = 100 WHERE telegram_id = 1")
+    code, data = sync_json(synced, "--on-conflict", "db")
+    assert (code, data["updated"], data["skipped"]) == (0, 0, 0)
+    assert balances(pg)[1] == "100.00"
+    assert rds.get(f"{key_prefix}1") == b"100.00"
+    code, data = sync_json(synced)
+    assert (code, data["unchanged"]) == (0, 5)
+
+
+def test_on_conflict_db_writes_cents_in_cents(initialized, rds, key_prefix, pg):
+    """The database's value goes back to Redis in the configured value format."""
+    rds.set(f"{key_prefix}1", "150")
+    assert sync_json(initialized, "--value-format", "cents")[0] == 0
+    pg.execute("UPDATE user_balances SET balance = 2.05 WHERE telegram_id = 1")
+    code, _ = sync_json(initialized, "--value-format", "cents", "--on-conflict", "db")
+    assert code == 0
+    assert rds.get(f"{key_prefix}1") == b"205"
+
+
+def test_row_changed_in_postgres_to_the_redis_value_is_no_conflict_later(
+    synced, rds, key_prefix, pg
+):
+    """After an outside write that matches Redis, balsync's memory follows, so the next
+    change in Redis is an ordinary update (the restore-after-outage path)."""
+    pg.execute("UPDATE user_balances SET balance = 7 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "7")
+    assert sync_json(synced)[0] == 0
+    rds.set(f"{key_prefix}1", "8")
+    code, data = sync_json(synced)
+    assert (code, data["updated"]) == (0, 1)
+    assert balances(pg)[1] == "8.00"
+
+
+def test_rows_never_written_by_balsync_are_updated(initialized, rds, key_prefix, pg):
+    """Rows that predate balsync carry no memory: they are updated, not conflicts."""
+    initialized.ok("sync", "--force", "--quiet")  # creates nothing, but records a run
+    pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 5), (2, 6)")
+    rds.mset({f"{key_prefix}1": "50", f"{key_prefix}2": "6"})
+    code, data = sync_json(initialized)
+    assert (code, data["updated"], data["unchanged"]) == (0, 1, 1)
+
+
+def test_dry_run_reports_conflicts_without_writing(synced, pg):
+    """A dry run counts a conflict as skipped and changes nothing."""
+    pg.execute("UPDATE user_balances SET balance = 100 WHERE telegram_id = 1")
+    code, data = sync_json(synced, "--dry-run")
+    assert (code, data["skipped"], data["run_id"]) == (1, 1, None)
+    assert conflicts_json(synced)["conflicts"] == []
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> ValkeyServer:
+    """A Redis of this test's own, to restart."""
+    server = ValkeyServer(tmp_path / "valkey").start()
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+def test_redis_restart_holds_overwrites_until_accepted(initialized, own_redis, key_prefix, pg):
+    """After Redis restarts, differing rows are held (exit 1), new ids still inserted; a run
+    with --accept-redis-restart overwrites them and trusts the new Redis from then on."""
+    env = {"BALSYNC_REDIS_URL": own_redis.url}
+    client = redis.Redis.from_url(own_redis.url)
+    client.mset({f"{key_prefix}1": "1500.00", f"{key_prefix}2": "20.00"})
+    code, _ = sync_json(Balsync({**initialized.env, **env}))
+    assert code == 0
+    client.close()
+    own_redis.stop()
+    own_redis.start()  # nothing on disk: it comes back empty
+    client = redis.Redis.from_url(own_redis.url)
+    # The application increments a missing key: 1500 becomes the increment.
+    client.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "20.00", f"{key_prefix}3": "3"})
+    tool = Balsync({**initialized.env, **env})
+    code, data = sync_json(tool)
+    assert code == 1
+    assert (data["inserted"], data["updated"], data["skipped"]) == (1, 0, 1)
+    assert balances(pg) == {1: "1500.00", 2: "20.00", 3: "3.00"}
+    held = conflicts_json(tool)["conflicts"]
+    assert [(c["telegram_id"], c["kind"]) for c in held] == [(1, "redis_restarted")]  # type: ignore[index,union-attr]
+    assert sync_json(tool)[0] == 1  # still held on the next run
+    code, data = sync_json(tool, "--accept-redis-restart")
+    assert (code, data["updated"]) == (0, 1)
+    assert balances(pg)[1] == "10.00"
+    client.set(f"{key_prefix}2", "21")
+    code, data = sync_json(tool)
+    assert (code, data["updated"]) == (0, 1)
+    client.close()
+
+
+def test_redis_restart_with_nothing_differing_is_trusted(initialized, own_redis, key_prefix, pg):
+    """A restart that lost nothing (every row still equals Redis) needs no operator."""
+    env = {**initialized.env, "BALSYNC_REDIS_URL": own_redis.url}
+    client = redis.Redis.from_url(own_redis.url)
+    client.set(f"{key_prefix}1", "5")
+    assert sync_json(Balsync(env))[0] == 0
+    client.close()
+    own_redis.stop()
+    own_redis.start()
+    client = redis.Redis.from_url(own_redis.url)
+    client.set(f"{key_prefix}1", "5")
+    assert sync_json(Balsync(env))[0] == 0
+    client.set(f"{key_prefix}1", "6")
+    code, data = sync_json(Balsync(env))
+    assert (code, data["updated"]) == (0, 1)
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "fmt", "stored"),
+    [
+        ("0.30", "decimal", "0.30"),  # 0.1 + 0.2, which a float makes 0.30000000000000004
+        ("99999999999999999.99", "decimal", "99999999999999999.99"),  # 10^17 - 0.01
+        ("999999999999999999.99", "decimal", "999999999999999999.99"),
+        ("-0.01", "decimal", "-0.01"),
+        ("30", "cents", "0.30"),
+        ("9999999999999999999", "cents", "99999999999999999.99"),
+        ("99999999999999999999", "cents", "999999999999999999.99"),
+    ],
+)
+def test_values_reach_postgres_exactly(initialized, rds, key_prefix, pg, raw, fmt, stored):
+    """No value is rounded or passed through a float on its way to PostgreSQL."""
+    rds.set(f"{key_prefix}42", raw)
+    code, _ = sync_json(initialized, "--value-format", fmt, "--allow-negative")
+    assert code == 0
+    assert balances(pg) == {42: stored}
+    assert Decimal(stored) == (Decimal(raw) / 100 if fmt == "cents" else Decimal(raw))
+
+
+def test_conflicts_needs_init_db(balsync):
+    """`balsync conflicts` before init-db says what to do, exit 5."""
+    result = balsync("conflicts")
+    assert result.exit_code == 5
+    assert "init-db" in result.stderr
+
+
+def test_conflicts_of_a_run_without_any(synced):
+    """A run with no conflicts lists none."""
+    assert conflicts_json(synced, "--run", "1") == {"run_id": 1, "conflicts": []}
+    assert "no conflicts" in synced.ok("conflicts").stdout
+
+
+def test_written_memory_is_kept_in_balsync_schema(synced, database_url):
+    """What balsync remembers lives in its own schema, one row per id it wrote."""
+    with psycopg.connect(database_url) as conn:
+        count = conn.execute("SELECT count(*) FROM balsync.written").fetchone()
+    assert count == (5,)

@@ -1,0 +1,230 @@
+"""--ping-url: the dead man's switch, healthchecks.io style, against a local HTTP server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from balance_sync.ping import mask_ping_url, ping_url, send
+from tests.netutil import closed_port
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One request the server received."""
+
+    method: str
+    path: str
+    body: bytes
+
+    def json(self) -> dict[str, object]:
+        data = json.loads(self.body)
+        assert isinstance(data, dict)
+        return data
+
+
+@dataclass
+class PingServer:
+    """Records every request; answers with `answers` in turn, then 200."""
+
+    url: str
+    token: str
+    hits: list[Hit] = field(default_factory=list)
+    answers: list[int] = field(default_factory=list)
+    delay: float = 0.0
+
+    def routes(self) -> list[tuple[str, str]]:
+        """(method, path below the check's URL) of every request, in order."""
+        prefix = f"/ping/{self.token}"
+        return [(hit.method, hit.path.removeprefix(prefix) or "/") for hit in self.hits]
+
+
+@pytest.fixture
+def server() -> Iterator[PingServer]:
+    """A healthchecks-like endpoint on 127.0.0.1, whose check URL carries a secret token."""
+    state: list[PingServer] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            ping = state[0]
+            length = int(self.headers.get("Content-Length") or 0)
+            ping.hits.append(Hit(self.command, self.path, self.rfile.read(length)))
+            time.sleep(ping.delay)
+            code = ping.answers.pop(0) if ping.answers else 200
+            self.send_response(code)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        do_GET = do_POST = do_HEAD = _answer
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, *_: object) -> None:
+            pass  # a client that timed out and hung up is what the timeout test wants
+
+    httpd = Server(("127.0.0.1", 0), Handler)
+    token = str(uuid.uuid4())
+    state.append(PingServer(f"http://127.0.0.1:{httpd.server_port}/ping/{token}", token))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield state[0]
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def test_success_pings_start_then_the_url_with_the_summary(initialized, rds, key_prefix, server):
+    """A successful run: GET URL/start before, POST URL with SPEC's summary after."""
+    rds.mset({f"{key_prefix}1": "1.00", f"{key_prefix}2": "2.00"})
+    initialized.ok("sync", "--ping-url", server.url)
+    assert server.routes() == [("GET", "/start"), ("POST", "/")]
+    summary = server.hits[1].json()
+    assert summary["status"] == "success"
+    assert (summary["processed"], summary["inserted"], summary["exit_code"]) == (2, 2, 0)
+    assert summary["table"] == "user_balances"
+    assert "error" not in summary
+
+
+def test_partial_run_pings_fail(initialized, rds, key_prefix, server):
+    """Exit 1 (records skipped) needs a look, so it pings URL/fail."""
+    rds.mset({f"{key_prefix}1": "1.00", f"{key_prefix}2": "1e5"})
+    assert initialized("sync", "--ping-url", server.url).exit_code == 1
+    assert server.routes() == [("GET", "/start"), ("POST", "/fail")]
+    summary = server.hits[1].json()
+    assert (summary["status"], summary["invalid"], summary["exit_code"]) == ("partial", 1, 1)
+
+
+def test_skipped_run_pings_success(initialized, server):
+    """A run skipped by --min-interval is a success for the dead man's switch."""
+    initialized.ok("sync")
+    initialized.ok("sync", "--ping-url", server.url)
+    assert server.routes() == [("GET", "/start"), ("POST", "/")]
+    assert server.hits[1].json()["status"] == "skipped"
+
+
+def test_failure_pings_fail_with_the_error_and_keeps_exit_3(initialized, server):
+    """Redis unreachable: URL/fail with the summary and the error; the exit code stays 3."""
+    dead = f"redis://:redis-secret@127.0.0.1:{closed_port()}/0"
+    result = initialized(
+        "sync", "--ping-url", server.url, "--redis-url", dead, env={"BALSYNC_RETRY_TIMEOUT": "0"}
+    )
+    assert result.exit_code == 3, result.stderr
+    assert server.routes() == [("GET", "/start"), ("POST", "/fail")]
+    summary = server.hits[1].json()
+    assert (summary["status"], summary["exit_code"], summary["run_id"]) == ("failed", 3, None)
+    assert "Redis" in str(summary["error"])
+    assert b"redis-secret" not in server.hits[1].body
+
+
+def test_unexpected_exception_pings_fail(initialized, server, monkeypatch):
+    """A bug in the sync still sends URL/fail, naming the exception; exit 5."""
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr("balance_sync.report.run_sync", broken)
+    assert initialized("sync", "--ping-url", server.url).exit_code == 5
+    assert server.routes() == [("GET", "/start"), ("POST", "/fail")]
+    assert server.hits[1].json()["error"] == "RuntimeError: injected"
+
+
+def test_unreachable_ping_url_warns_and_never_fails_the_sync(
+    initialized, rds, key_prefix, pg, tmp_path
+):
+    """Nothing listening at the ping URL: warnings with the URL masked, the sync succeeds."""
+    rds.set(f"{key_prefix}5", "5.00")
+    port = closed_port()
+    token = str(uuid.uuid4())
+    log = tmp_path / "balsync.log"
+    result = initialized(
+        "sync", "--ping-url", f"http://127.0.0.1:{port}/{token}", "--log-file", str(log), "-v"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert f"could not send the start ping to http://127.0.0.1:{port}/…" in result.stderr
+    assert f"could not send the success ping to http://127.0.0.1:{port}/…" in result.stderr
+    assert token not in result.stderr + result.stdout + log.read_text()
+    assert pg.execute("SELECT balance::text FROM user_balances").fetchall() == [("5.00",)]
+
+
+def test_server_errors_are_retried(initialized, server):
+    """A 5xx answer is retried: the ping gets through on the third attempt."""
+    server.answers = [503, 502]
+    initialized.ok("sync", "--ping-url", server.url)
+    assert server.routes() == [("GET", "/start")] * 3 + [("POST", "/")]
+
+
+def test_client_error_is_not_retried_and_only_warns(initialized, server):
+    """A 4xx answer (a wrong or deleted check) is not retried; a warning, exit 0."""
+    server.answers = [404]
+    result = initialized("sync", "--ping-url", server.url)
+    assert result.exit_code == 0
+    assert "could not send the start ping to http://127.0.0.1" in result.stderr
+    assert "HTTP 404" in result.stderr
+    assert server.routes() == [("GET", "/start"), ("POST", "/")]
+
+
+def test_ping_url_from_the_environment(initialized, server):
+    """BALSYNC_PING_URL works like --ping-url."""
+    initialized.ok("sync", env={"BALSYNC_PING_URL": server.url})
+    assert server.routes() == [("GET", "/start"), ("POST", "/")]
+
+
+def test_dry_run_sends_no_ping(initialized, server):
+    """A dry run writes nothing anywhere and tells no monitor anything."""
+    initialized.ok("sync", "--dry-run", "--ping-url", server.url)
+    assert server.hits == []
+
+
+def test_ping_url_must_be_http(balsync):
+    """Another scheme is a configuration error, exit 2."""
+    result = balsync("sync", "--ping-url", "ftp://hc.example/abc")
+    assert result.exit_code == 2
+    assert "invalid ping URL" in result.stderr
+
+
+def test_timeout_gives_up_and_returns_false(server):
+    """A server slower than the timeout counts as a failed attempt."""
+    server.delay = 1.0
+    started = time.monotonic()
+    assert send(server.url, "start", timeout=0.2, attempts=2, backoff=0.01) is False
+    assert time.monotonic() - started < 1.0
+    assert len(server.hits) == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "signal", "expected"),
+    [
+        ("https://hc.example/ping/abc", "start", "https://hc.example/ping/abc/start"),
+        ("https://hc.example/ping/abc/", "fail", "https://hc.example/ping/abc/fail"),
+        ("https://hc.example/ping/abc", "success", "https://hc.example/ping/abc"),
+        ("https://hc.example/p?key=k", "fail", "https://hc.example/p/fail?key=k"),
+    ],
+)
+def test_signal_urls_follow_the_healthchecks_convention(url, signal, expected):
+    """URL/start, URL, URL/fail; a query string stays a query string."""
+    assert ping_url(url, signal) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hc-ping.com/0f2c9a2e-secret", "https://hc-ping.com/…"),
+        ("https://user:pw@hc.example:8443/p/secret?key=s", "https://hc.example:8443/…"),
+        ("http://[::1]:8000/secret", "http://[::1]:8000/…"),
+    ],
+)
+def test_masked_ping_url_shows_only_scheme_and_host(url, shown):
+    """The path, query and credentials of a ping URL never reach a log."""
+    assert mask_ping_url(url) == shown
