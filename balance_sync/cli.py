@@ -47,6 +47,14 @@ SETTING_OPTIONS = (
         "BALSYNC_REDIS_URL_FILE. [default: redis://localhost:6379/0]",
     ),
     click.option(
+        "--cluster",
+        is_flag=True,
+        default=None,
+        help="Redis is a Redis Cluster: scan every primary and route each key by its slot "
+        "(only database 0 exists). A redis+cluster:// or rediss+cluster:// URL implies it. "
+        "Env: BALSYNC_REDIS_CLUSTER=1.",
+    ),
+    click.option(
         "--database-url",
         metavar="URL",
         help="PostgreSQL to persist into. Env: BALSYNC_DATABASE_URL, DATABASE_URL, "
@@ -127,6 +135,7 @@ OUTPUT_OPTIONS = (
 )
 _SETTING_NAMES = (
     "redis_url",
+    "cluster",
     "database_url",
     "key_prefix",
     "table",
@@ -355,7 +364,7 @@ def sync(
     try:
         with progress.show():
             result = run_reported(settings, options, on_batch=progress.update)
-    except BalsyncError:
+    except Exception:  # every failure still leaves SPEC's one JSON object on stdout
         if output.json:
             render.print_json(
                 {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,46 @@ def text_of(data: bytes) -> str:
 
 
 @dataclass(frozen=True)
+class BalanceType:
+    """The balance column's capacity: what it can hold without rounding or overflow."""
+
+    name: str  # as PostgreSQL spells it, for messages
+    integer_digits: int | None  # None: as wide as balsync's own numeric(20,2)
+    scale: int
+
+    def problem(self, amount: bytes) -> str | None:
+        """Why `amount` (a valid plain decimal) cannot be stored exactly, or None."""
+        if self.integer_digits is None and self.scale >= 2:
+            return None
+        integer, _, fraction = amount.lstrip(b"-").partition(b".")
+        if len(fraction.rstrip(b"0")) > self.scale:
+            return f"value needs more decimals than the column's {self.name} (never rounded)"
+        if self.integer_digits is not None and len(integer.lstrip(b"0")) > self.integer_digits:
+            return f"value out of range for the column's {self.name}"
+        return None
+
+
+_INTEGER_DIGITS = {"int2": 4, "int4": 9, "int8": 18}  # digits that always fit
+
+
+def _balance_type(
+    settings: Settings, typname: str, precision: int | None, scale: int | None, spelled: str
+) -> BalanceType:
+    if typname in _INTEGER_DIGITS:
+        return BalanceType(spelled, _INTEGER_DIGITS[typname], 0)
+    if typname == "numeric":
+        if precision is None or scale is None:  # unconstrained numeric
+            return BalanceType(spelled, None, 2)
+        digits = precision - scale
+        return BalanceType(spelled, None if digits >= 18 else digits, scale)
+    raise SchemaMissing(
+        f"column {settings.balance_column!r} of {settings.table} is {spelled}, which cannot "
+        "hold money exactly",
+        "use numeric(20,2) (or another numeric, or an integer type with --value-format cents)",
+    )
+
+
+@dataclass(frozen=True)
 class TargetTable:
     """What balsync learned about the target table, and so which statements it can use."""
 
@@ -136,6 +177,7 @@ class TargetTable:
     balance_column: str
     has_updated_at: bool
     can_insert: bool
+    balance_type: BalanceType = BalanceType("numeric(20,2)", None, 2)
 
     @property
     def ident(self) -> sql.Identifier:
@@ -325,6 +367,16 @@ class Database:
                 for column, required in columns.items()
                 if column not in (settings.id_column, settings.balance_column, "updated_at")
             )
+            kind = conn.execute(
+                """SELECT t.typname,
+                          information_schema._pg_numeric_precision(a.atttypid, a.atttypmod),
+                          information_schema._pg_numeric_scale(a.atttypid, a.atttypmod),
+                          format_type(a.atttypid, a.atttypmod)
+                   FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                   WHERE a.attrelid = to_regclass(%s) AND a.attname = %s""",
+                (name, settings.balance_column),
+            ).fetchone()
+            assert kind is not None
             return TargetTable(
                 table=TableName(name=resolved[1], schema=resolved[0]),
                 id_column=settings.id_column,
@@ -332,6 +384,7 @@ class Database:
                 has_updated_at="updated_at" in columns,
                 # Inserting needs a unique id (ON CONFLICT) and no other mandatory column.
                 can_insert=bool(unique and unique[0]) and not others_required,
+                balance_type=_balance_type(settings, *kind),
             )
 
         return self.call(run)
@@ -456,16 +509,17 @@ class Database:
         lock: RunLock | None,
         policy: MergePolicy = MergePolicy(),
         key_prefix: str = "",
-        keep_skipped: int = 0,
+        reserve: Callable[[str, int], int] = lambda kind, wanted: 0,
     ) -> BatchCounts:
         """Write one batch in one transaction: COPY into staging, then a set-based merge.
 
         Existing ids are updated only where the balance differs and nobody else changed the
         row since balsync last wrote it (else: a conflict, handled by `policy`); new ids are
         inserted when the table allows it and reported as unknown otherwise. With `run_id`
-        None (a dry run) the transaction only counts and is rolled back. Up to
-        `keep_skipped` skipped records (invalid first, then unknown ids) and conflicts are
-        stored in the same transaction.
+        None (a dry run) the transaction only counts and is rolled back. Skipped records
+        (invalid first, then unknown ids) and conflicts are stored in the same transaction,
+        as many as `reserve("skipped"|"conflicts", wanted)` grants: a run's caps are shared by
+        parallel writers.
         """
         payload = b"".join(b"%s\t%s\n" % record for record in records)
 
@@ -494,16 +548,19 @@ class Database:
                         len(counts.conflicts),
                     ),
                 )
-                skipped = list(invalid[:keep_skipped])
+                # Reserved only now that every count is known; a retried attempt reserves
+                # again, so a retry can only lower what is kept, never exceed the cap.
+                keep = reserve("skipped", len(invalid) + len(counts.unknown_ids))
                 prefix = key_prefix.encode()
-                skipped += [
+                skipped = list(invalid[:keep]) + [
                     InvalidRecord(prefix + b"%d" % telegram_id, None, UNKNOWN_ID)
-                    for telegram_id in counts.unknown_ids[: max(0, keep_skipped - len(skipped))]
+                    for telegram_id in counts.unknown_ids[: max(0, keep - len(invalid))]
                 ]
                 if skipped:
                     _store_skipped(conn, run_id, skipped)
                 if counts.conflicts:
-                    _store_conflicts(conn, run_id, counts.conflicts[:keep_skipped])
+                    room = reserve("conflicts", len(counts.conflicts))
+                    _store_conflicts(conn, run_id, counts.conflicts[:room])
                 return counts
 
         return self.call(run)
@@ -872,6 +929,7 @@ class RunLock:
         self.db = db
         self.table = table
         self._pid: int | None = None
+        self._mutex = threading.Lock()  # writer threads share the lock's connection
 
     def acquire(self, wait: float) -> bool:
         """Take the lock, waiting up to `wait` seconds; False if another run holds it."""
@@ -882,15 +940,19 @@ class RunLock:
 
     def holder_pid(self) -> int:
         """The server process that holds the lock for this run, re-taking it if needed."""
-        pid = self.db.call(lambda conn: (conn.execute("SELECT 1"), conn.info.backend_pid)[1])
-        if pid != self._pid:
-            if not self.db.try_lock(self.table, 0):
-                raise LockLost(
-                    f"this run lost the advisory lock on {self.table} and another run took it",
-                    "the other run finishes the work; nothing needs doing",
-                )
-            self._pid = pid
-        return pid
+        with self._mutex:
+            pid = self.db.call(
+                lambda conn: (conn.execute("SELECT 1"), conn.info.backend_pid)[1]
+            )
+            if pid != self._pid:
+                if not self.db.try_lock(self.table, 0):
+                    raise LockLost(
+                        f"this run lost the advisory lock on {self.table} and another run "
+                        "took it",
+                        "the other run finishes the work; nothing needs doing",
+                    )
+                self._pid = pid
+            return pid
 
     def release(self) -> None:
         """Let the next run in."""

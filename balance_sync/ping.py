@@ -64,7 +64,7 @@ def send(
     headers = {"Content-Type": "application/json"} if body is not None else {}
     reason = ""
     for attempt in range(1, attempts + 1):
-        request = urllib.request.Request(target, data=body, headers=headers)  # noqa: S310
+        request = urllib.request.Request(target, data=body, headers=headers)  # noqa: S310 - http(s) only, settings check it
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
                 response.read()

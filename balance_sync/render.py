@@ -152,9 +152,7 @@ def conflicts_table(run_id: int | None, conflicts: list[Conflict], prefix: str) 
 
 def verify_tables(result: VerifyResult, target: str) -> list[Table]:
     """A verify's summary, then one table of examples for each kind of discrepancy found."""
-    summary = Table(
-        title=f"Redis compared with {target}", show_header=False, title_justify="left"
-    )
+    summary = Table(title=f"Redis compared with {target}", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_row("status", styled(result.status))

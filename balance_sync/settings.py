@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 import psycopg
 
@@ -25,7 +25,9 @@ DEFAULT_KEY_PREFIX = "balance:"
 DEFAULT_TABLE = "user_balances"
 DEFAULT_RETRY_TIMEOUT = 60.0
 
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+# A Redis URL whose scheme ends so names a Redis Cluster; in cluster mode the URL always does.
+CLUSTER_SUFFIX = "+cluster"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
@@ -55,7 +57,8 @@ class TableName:
 class Settings:
     """Everything a command needs to know about where the data is and how to talk about it."""
 
-    redis_url: str = DEFAULT_REDIS_URL
+    redis_url: str = DEFAULT_REDIS_URL  # redis+cluster:// or rediss+cluster:// in cluster mode
+    cluster: bool = False  # Redis Cluster: scan every primary, route each key by its slot
     database_url: str = ""  # empty: libpq defaults and PG* variables
     key_prefix: str = DEFAULT_KEY_PREFIX
     table: TableName = TableName(DEFAULT_TABLE)
@@ -132,11 +135,36 @@ def check_redis_url(url: str) -> str:
     if parts.scheme not in REDIS_SCHEMES:
         raise ConfigError(
             f"invalid Redis URL {mask_url(url)}",
-            "it must start with redis://, rediss:// or unix://",
+            "it must start with redis://, rediss:// or unix:// "
+            "(redis+cluster:// or rediss+cluster:// for a Redis Cluster)",
         )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"invalid Redis URL {mask_url(url)}: no host")
     return url
+
+
+def cluster_url(url: str, cluster: bool) -> tuple[str, bool]:
+    """Settle cluster mode: asked for (`--cluster`), or implied by a `+cluster` scheme.
+
+    In cluster mode the URL is returned with its `+cluster` scheme, so that whatever opens
+    it knows; a cluster has only database 0 and is reached over TCP.
+    """
+    parts = urlsplit(url)
+    if not cluster and not parts.scheme.endswith(CLUSTER_SUFFIX):
+        return url, False
+    if parts.scheme == "unix":
+        raise ConfigError(
+            f"Redis Cluster mode needs a TCP URL, not {mask_url(url)}",
+            "use redis+cluster://host:port/0 (or drop --cluster for a single server)",
+        )
+    db = parts.path.strip("/") or "".join(parse_qs(parts.query).get("db", []))
+    if db not in ("", "0"):
+        raise ConfigError(
+            f"invalid Redis URL {mask_url(url)}: a Redis Cluster has only database 0, not {db}",
+            "end the URL with /0 (or drop --cluster and redis+cluster:// for a single server)",
+        )
+    scheme = parts.scheme.removesuffix(CLUSTER_SUFFIX) + CLUSTER_SUFFIX
+    return urlunsplit(parts._replace(scheme=scheme)), True
 
 
 def check_database_url(url: str) -> str:
@@ -182,6 +210,17 @@ def _number(raw: object, name: str, *, minimum: float) -> float:
     if not value >= minimum:  # also rejects NaN
         raise ConfigError(f"{name} must be at least {minimum:g}, not {raw!r}")
     return value
+
+
+def _flag(raw: str | None, name: str) -> bool:
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), not {raw!r}")
 
 
 def _or_default(value: str | None, default: str) -> str:
@@ -245,8 +284,13 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
     ping_url = pick("ping_url", "BALSYNC_PING_URL")
     if ping_url and urlsplit(ping_url).scheme not in ("http", "https"):
         raise ConfigError(f"invalid ping URL {mask_url(ping_url)}", "use http:// or https://")
+    redis_url, cluster = cluster_url(
+        check_redis_url(redis_url),
+        _flag(pick("cluster", "BALSYNC_REDIS_CLUSTER"), "BALSYNC_REDIS_CLUSTER"),
+    )
     return Settings(
-        redis_url=check_redis_url(redis_url),
+        redis_url=redis_url,
+        cluster=cluster,
         database_url=check_database_url(database_url),
         key_prefix=key_prefix,
         table=TableName.parse(_or_default(pick("table", "BALSYNC_TABLE"), DEFAULT_TABLE)),

@@ -17,6 +17,7 @@ from typing import Literal
 
 from balance_sync.errors import BalsyncError, PostgresUnavailable
 from balance_sync.pg_store import (
+    BalanceType,
     BatchCounts,
     Database,
     MergePolicy,
@@ -34,6 +35,7 @@ Status = Literal["success", "partial", "skipped", "failed"]
 DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_MIN_INTERVAL = 300.0
 SKIPPED_RECORDS_CAP = 1000
+CONFLICTS_CAP = 10_000  # a Redis restart can hold back every row; a sample is enough
 QUEUE_DEPTH = 4
 DEFAULT_WRITERS = 2  # PostgreSQL connections merging batches at once
 
@@ -108,6 +110,12 @@ class _Batch:
     invalid: list[InvalidRecord] = field(default_factory=list)
     keys: int = 0
     raw: dict[int, bytes] = field(default_factory=dict)  # only for --on-conflict db
+    unfit: list[InvalidRecord] = field(default_factory=list)  # too wide for the column
+
+    @property
+    def skipped(self) -> list[InvalidRecord]:
+        """Every record of the batch that is not written, with its reason."""
+        return self.invalid + self.unfit
 
 
 _DONE = object()
@@ -264,9 +272,16 @@ def _record_failure(
         log.warning("could not record the failure of run %s", result.run_id)
 
 
-def _read_batches(settings: Settings, options: SyncOptions, redis: RedisStore) -> Iterator[_Batch]:
-    """Scan, validate and group records into batches of `batch_size` valid records."""
+def _read_batches(
+    settings: Settings, options: SyncOptions, redis: RedisStore, column: BalanceType
+) -> Iterator[_Batch]:
+    """Scan, validate and group records into batches of `batch_size` valid records.
+
+    A value the target's balance column cannot hold exactly (an application table's
+    narrower numeric or integer column) is invalid too: skipped, never rounded.
+    """
     prefix_length = len(settings.key_prefix.encode())
+    narrow = column.integer_digits is not None or column.scale < 2
     number = 1
     batch = _Batch(number)
     seen: set[bytes] = set()  # SCAN may return a key twice; a batch must not hold it twice
@@ -290,6 +305,11 @@ def _read_batches(settings: Settings, options: SyncOptions, redis: RedisStore) -
                 value_format=settings.value_format,
                 allow_negative=options.allow_negative,
             )
+            if narrow and not isinstance(checked, InvalidRecord):
+                problem = column.problem(checked[1])
+                if problem:  # valid by SPEC's rules, so skipped but not counted invalid
+                    batch.unfit.append(InvalidRecord(key, raw, problem))
+                    continue
             if isinstance(checked, InvalidRecord):
                 batch.invalid.append(checked)
                 continue
@@ -319,7 +339,9 @@ class _Writing:
     policy: MergePolicy
     writers: list[Database] = field(default_factory=list)
     mutex: threading.Lock = field(default_factory=threading.Lock)
-    room: int = SKIPPED_RECORDS_CAP
+    room: dict[str, int] = field(
+        default_factory=lambda: {"skipped": SKIPPED_RECORDS_CAP, "conflicts": CONFLICTS_CAP}
+    )
 
     def copy_all(self) -> None:
         """Read on a thread of its own while writer threads merge earlier batches.
@@ -342,7 +364,9 @@ class _Writing:
 
         def read() -> None:
             try:
-                for batch in _read_batches(self.settings, self.options, self.redis):
+                for batch in _read_batches(
+                    self.settings, self.options, self.redis, self.target.balance_type
+                ):
                     if not put(batch):
                         return
                 put(_DONE)
@@ -382,29 +406,28 @@ class _Writing:
         if errors:
             raise errors[0]
 
-    def _reserve(self, wanted: int) -> int:
-        """Reserve room for skipped records in the run's record (at most 1000 a run)."""
+    def _reserve(self, kind: str, wanted: int) -> int:
+        """Room for `wanted` skipped records or conflicts in the run's record, within caps."""
         with self.mutex:
-            granted = min(wanted, self.room)
-            self.room -= granted
+            granted = min(wanted, self.room[kind])
+            self.room[kind] -= granted
             return granted
 
     def write(self, writer: Database, batch: _Batch) -> None:
         """Merge one batch on `writer` and account for it."""
         result = self.result
-        keep = self._reserve(len(batch.invalid) + len(batch.records))
         counts = writer.apply_batch(
             self.target,
             batch.records,
-            batch.invalid,
+            batch.skipped,
             run_id=result.run_id,
             batch_no=batch.number,
             lock=None if self.options.dry_run else self.lock,
             policy=self.policy,
             key_prefix=self.settings.key_prefix,
-            keep_skipped=keep,
+            reserve=self._reserve,
         )
-        for record in batch.invalid:
+        for record in batch.skipped:
             log.info("skipped %s: %s", _show(record.key), record.reason)
         for telegram_id in counts.unknown_ids:
             log.info(
@@ -413,14 +436,12 @@ class _Writing:
                 telegram_id,
             )
         self._resolve_in_redis(batch, counts)
-        stored = min(keep, len(batch.invalid) + len(counts.unknown_ids))
         with self.mutex:
-            self.room += keep - stored
             self._account(batch, counts)
 
     def _account(self, batch: _Batch, counts: BatchCounts) -> None:
         result = self.result
-        skipped = len(batch.invalid) + len(counts.unknown_ids) + counts.kept
+        skipped = len(batch.skipped) + len(counts.unknown_ids) + counts.kept
         unchanged = (
             len(batch.records)
             - counts.inserted

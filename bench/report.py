@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,21 @@ class Machine:
         )
 
 
+def code_version() -> str:
+    """The commit measured, and whether the work tree had changes on top of it."""
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],  # noqa: S607 - git from PATH, as a user has it
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return described + (" (uncommitted changes included)" if described.endswith("-dirty") else "")
+
+
 def write_results(path: Path, text: str, machine: Machine, n: int, command: str) -> None:
     """bench/results.md: the date, N, the machine, the servers, the command, the tables."""
     head = [
@@ -98,6 +114,7 @@ def write_results(path: Path, text: str, machine: Machine, n: int, command: str)
         f"Python {machine.python}, {platform.platform()}",
         f"- servers: Redis {machine.redis_version}, PostgreSQL {machine.postgres_version}",
         f"- command: `{command}`",
+        f"- code: {code_version()}",
         "- a shared, noisy machine: quote medians and ratios, treat each figure as ±20 %",
         "",
     ]

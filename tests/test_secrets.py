@@ -147,9 +147,13 @@ def seeded(locked: LockedServers) -> LockedServers:
 
 
 def base_env(
-    database_url: str | None, redis_url: str | None, **extra: str
+    database_url: str | None, redis_url: str | None, *, ping: bool = False, **extra: str
 ) -> dict[str, str | None]:
-    """An environment with only these settings; None unsets a variable for the run."""
+    """An environment with only these settings; None unsets a variable for the run.
+
+    With `ping`, a dead man's switch URL whose path is its secret (healthchecks.io style)
+    points where nothing answers; its retries cost a sync a few seconds.
+    """
     env: dict[str, str | None] = dict.fromkeys(_INHERITED)
     env.update(
         {
@@ -157,10 +161,10 @@ def base_env(
             "BALSYNC_REDIS_URL": redis_url,
             "BALSYNC_KEY_PREFIX": PREFIX,
             "BALSYNC_RETRY_TIMEOUT": "0",
-            # A dead man's switch with credentials in it, to a port where nothing answers.
-            "BALSYNC_PING_URL": f"http://ping:{PING_SECRET}@127.0.0.1:{free_port()}/{PING_SECRET}",
         }
     )
+    if ping:
+        env["BALSYNC_PING_URL"] = f"http://127.0.0.1:{free_port()}/ping/{PING_SECRET}"
     env.update(extra)
     return env
 
@@ -198,7 +202,8 @@ def run_everywhere(env: Mapping[str, str | None], tmp_path: Path, name: str) -> 
 
 def test_no_secret_shows_when_every_command_succeeds(seeded: LockedServers, tmp_path):
     """Right passwords, servers up: every command runs, no password in output or log."""
-    codes = run_everywhere(base_env(seeded.pg_url(), seeded.redis_url()), tmp_path, "ok")
+    env = base_env(seeded.pg_url(), seeded.redis_url(), ping=True)
+    codes = run_everywhere(env, tmp_path, "ok")
     failed = {c: code for c, code in codes.items() if code not in (0, 1)}
     assert not failed, failed
 
@@ -229,6 +234,7 @@ def test_no_secret_shows_when_both_servers_are_down(tmp_path):
     env = base_env(
         f"postgresql://u:{PG_PASSWORD}@127.0.0.1:{port}/app",
         f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0",
+        ping=True,
     )
     codes = run_everywhere(env, tmp_path, "down")
     assert codes["verify"] == 3
@@ -271,6 +277,50 @@ def test_no_secret_shows_when_no_password_is_given(seeded: LockedServers, tmp_pa
     assert run_everywhere(env, tmp_path, "pg-none")["verify"] == 4
     env = base_env(seeded.pg_url(), f"redis://127.0.0.1:{seeded.redis_port}/0")
     assert run_everywhere(env, tmp_path, "redis-none")["verify"] == 3
+
+
+def test_no_secret_shows_in_retry_warnings(tmp_path):
+    """While servers stay down, each retry's warning names the fault, never a password."""
+    port = free_port()
+    env = base_env(
+        f"postgresql://u:{PG_PASSWORD}@127.0.0.1:{port}/app",
+        f"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0",
+        BALSYNC_RETRY_TIMEOUT="1",
+    )
+    for command, code in (("verify", 3), ("sync", 3), ("init-db", 4)):
+        log = tmp_path / f"{command}.log"
+        result = invoke([command, "-v", "--log-file", str(log)], env)
+        assert result.exit_code == code
+        assert "transient fault" in log.read_text()
+        assert_no_secret(result, log, f"{command} retrying")
+
+
+# An unencoded / # ? in a password: libpq accepts `#` and `?` there and connects, so such a
+# URL works, yet settings.mask_url finds no password in it and prints it whole.
+UNENCODED = [
+    f"redis://:{REDIS_PASSWORD}/x@127.0.0.1:{{port}}/0",
+    f"redis://:{REDIS_PASSWORD}#x@127.0.0.1:{{port}}/0",
+    f"postgresql://u:{PG_PASSWORD}/x@127.0.0.1:{{port}}/app",
+    f"postgresql://u:{PG_PASSWORD}#x@127.0.0.1:{{port}}/app",
+    f"postgresql://u:{PG_PASSWORD}?x@127.0.0.1:{{port}}/app",
+]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known leak, reported: settings.mask_url keeps a password holding an unencoded "
+    "/ # ? (urlsplit ends the netloc there); remove this mark once it is fixed",
+)
+@pytest.mark.parametrize("template", UNENCODED)
+def test_a_password_with_unencoded_url_characters_is_masked(tmp_path, template):
+    """A password that holds / # or ? unencoded is masked in errors like any other."""
+    url = template.format(port=free_port())
+    redis_side = url.startswith("redis")
+    env = base_env(None if redis_side else url, url if redis_side else None)
+    log = tmp_path / "unencoded.log"
+    result = invoke(["verify", "-v", "--log-file", str(log)], env)
+    assert result.exit_code in (2, 3, 4)
+    assert_no_secret(result, log, url)
 
 
 @pytest.mark.parametrize("option", ["--redis-url", "--database-url"])
@@ -426,13 +476,12 @@ HOSTILE_NAMES = [
 
 
 @pytest.mark.parametrize("command", commands())
-@pytest.mark.parametrize(("option", "value"), HOSTILE_NAMES)
-def test_hostile_table_or_column_name_is_exit_2_for_every_command(
-    initialized, pg, command, option, value
-):
-    """Every command rejects a hostile name before any SQL runs; the table stays."""
-    result = initialized(command, option, value)
-    assert result.exit_code == 2, (result.exit_code, result.stderr)
+def test_hostile_table_or_column_name_is_exit_2_for_every_command(initialized, pg, command):
+    """Every command rejects each hostile name before any SQL runs; the table stays."""
+    for option, value in HOSTILE_NAMES:
+        result = initialized(command, option, value)
+        assert result.exit_code == 2, (option, value, result.exit_code, result.stderr)
+        assert "invalid" in result.stderr
     assert pg.execute("SELECT to_regclass('user_balances') IS NOT NULL").fetchone() == (True,)
 
 
@@ -545,7 +594,8 @@ def test_hostile_keys_render_safely_in_every_report(initialized, pg, hostile: Ho
     sync = initialized("sync", "-v", "--log-file", str(log))
     assert sync.exit_code == 1, sync.stderr
     assert "DROP TABLE" in log.read_text()
-    listed = initialized("skipped", "--limit", "1000")
+    # Wide enough that no key is cut: what shows is what the key holds, markup and all.
+    listed = initialized("skipped", "--limit", "1000", env={"COLUMNS": "400"})
     assert listed.exit_code in (0, 1), listed.stderr
     assert "[/red]" in listed.stdout
     assert "[bold]markup[/bold]" in listed.stdout

@@ -38,6 +38,8 @@ ROWS = [
         "redis://env-host:6379/2",
         "redis://localhost:6379/0",
     ),
+    # A flag: the option can only say yes; tests/test_cluster.py pins --cluster over "0".
+    Row("cluster", "BALSYNC_REDIS_CLUSTER", True, "1", True, True, False),
     Row(
         "database_url",
         "BALSYNC_DATABASE_URL",

@@ -657,6 +657,25 @@ def test_application_table_updated_at_moves_only_for_changed_rows(balsync, rds, 
     assert pg.execute("SELECT count(*) FROM insert_audit").fetchone() == (0,)
 
 
+def test_application_table_value_too_wide_for_its_column_is_skipped_not_fatal(
+    balsync, rds, key_prefix, pg
+):
+    """A valid balance that the table's numeric(12,2) cannot hold is skipped; the rest syncs."""
+    arrange_users(pg, rds, key_prefix, with_updated_at=False)
+    seed(rds, key_prefix, {4: "99999999999999.00"})  # valid per SPEC, wider than numeric(12,2)
+    balsync.ok("init-db", "--table", "users", "--id-column", "id")
+    data = sync_json(balsync, "--table", "users", "--id-column", "id", code=1)
+    assert (data["updated"], data["skipped"], data["invalid"]) == (2, 4, 0)
+    assert balances_of(pg, "users", "id") == {
+        1: "11.50",
+        2: "20.00",
+        3: "0.10",
+        4: "40.00",
+        5: "0.00",
+    }
+    assert f"{key_prefix}4" in {key for key, _, _ in skipped_records(pg, data["run_id"])}
+
+
 # -- schema-qualified tables and init-db ---------------------------------------------------
 
 
@@ -1005,7 +1024,7 @@ def test_a_retried_batch_is_never_applied_twice(initialized, env, key_prefix, pg
                 batch_no=1,
                 lock=None,
                 key_prefix=key_prefix,
-                keep_skipped=1000,
+                reserve=lambda kind, wanted: wanted,
             )
             return counts.inserted, counts.updated, counts.unknown_ids
 

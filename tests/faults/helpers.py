@@ -79,6 +79,14 @@ class Running:
             ) from None
         return self._finished(code)
 
+    def kill_at(self, seconds: float) -> tuple[Finished, bool]:
+        """kill -9 `seconds` after the start unless it ended first; (outcome, was killed)."""
+        try:
+            code = self.process.wait(timeout=max(0.0, self.started + seconds - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return self.kill(), True
+        return self._finished(code), False
+
     def kill(self) -> Finished:
         """kill -9, as a power cut or the OOM killer would."""
         if self.process.poll() is None:
