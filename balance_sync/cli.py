@@ -20,7 +20,7 @@ from balance_sync import __version__, render
 from balance_sync.cache import ClearOptions, ClearResult, clear_cache
 from balance_sync.errors import BalsyncError, ConfigError
 from balance_sync.health import DEFAULT_MAX_AGE, check_health
-from balance_sync.logs import LOGGER, setup_logging
+from balance_sync.logs import FILE_ONLY, LOGGER, setup_logging
 from balance_sync.pg_store import Database, OnConflict
 from balance_sync.report import run_reported
 from balance_sync.restore import RestoreOptions, parse_ids, run_restore
@@ -216,6 +216,10 @@ def _fail(exc: BalsyncError, output: Output) -> NoReturn:
         message += f" — {exc.hint}"
     if exc.__cause__ is not None and not isinstance(exc, ConfigError):
         log.debug("caused by", exc_info=exc.__cause__)
+    # The log file (cron's only witness) gets the failure too; stderr gets it once, below.
+    log.error(
+        "%s (exit %d)", message.removeprefix("balsync: "), exc.exit_code, extra={FILE_ONLY: True}
+    )
     click.echo(message, err=True)
     sys.exit(exc.exit_code)
 
@@ -394,11 +398,20 @@ def sync(
 
 @cli.command("conflicts")
 @click.option(
-    "--run", "run_id", type=int, metavar="ID",
+    "--run",
+    "run_id",
+    type=int,
+    metavar="ID",
     help="A run id [default: the last run with conflicts].",
 )
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, metavar="N",
-              help="List at most N conflicts.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    metavar="N",
+    help="List at most N conflicts.",
+)
 @command
 def conflicts(*, settings: Settings, output: Output, run_id: int | None, limit: int) -> int:
     """List rows a sync did not simply overwrite, and why.
@@ -421,9 +434,7 @@ def conflicts(*, settings: Settings, output: Output, run_id: int | None, limit: 
     finally:
         db.close()
     if output.json:
-        render.print_json(
-            {"run_id": chosen, "conflicts": [render.conflict_json(c) for c in found]}
-        )
+        render.print_json({"run_id": chosen, "conflicts": [render.conflict_json(c) for c in found]})
     elif not found:
         if not output.quiet:
             render.stdout_console().print("no conflicts")

@@ -17,6 +17,7 @@ from balance_sync.errors import ConfigError
 from balance_sync.settings import LogFormat
 
 LOGGER = "balance_sync"
+FILE_ONLY = "balsync_file_only"  # a record's extra: the CLI already told stderr
 
 
 class JsonFormatter(logging.Formatter):
@@ -81,6 +82,7 @@ def setup_logging(
         stderr.setFormatter(OneLineFormatter())
         # The CLI prints its own one-line message for a failure; the traceback is the log's.
         stderr.addFilter(lambda record: record.exc_info is None)
+    stderr.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     logger.addHandler(stderr)
 
     if log_file is not None:

@@ -283,7 +283,8 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
     metrics_file = pick("metrics_file", "BALSYNC_METRICS_FILE")
     ping_url = pick("ping_url", "BALSYNC_PING_URL")
     if ping_url and urlsplit(ping_url).scheme not in ("http", "https"):
-        raise ConfigError(f"invalid ping URL {mask_url(ping_url)}", "use http:// or https://")
+        # The URL itself is not printed: its path is often the check's secret token.
+        raise ConfigError("invalid ping URL: it must start with http:// or https://")
     redis_url, cluster = cluster_url(
         check_redis_url(redis_url),
         _flag(pick("cluster", "BALSYNC_REDIS_CLUSTER"), "BALSYNC_REDIS_CLUSTER"),

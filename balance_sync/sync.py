@@ -494,15 +494,16 @@ class _Writing:
             )
         if self.options.dry_run:
             return
-        items = [
-            (
-                prefix.encode() + b"%d" % c.telegram_id,
-                batch.raw[c.telegram_id],
-                format_balance(c.db_value, self.settings.value_format),
-            )
-            for c in counts.conflicts
-            if c.resolution == "db" and c.telegram_id in batch.raw
-        ]
+        items = []
+        for c in counts.conflicts:
+            if c.resolution != "db" or c.telegram_id not in batch.raw:
+                continue
+            try:
+                value = format_balance(c.db_value, self.settings.value_format)
+            except ValueError as exc:
+                log.warning("Redis key %s%d left as it is: %s", prefix, c.telegram_id, exc)
+                continue
+            items.append((prefix.encode() + b"%d" % c.telegram_id, batch.raw[c.telegram_id], value))
         self.redis.set_if_equal(items)
 
 

@@ -82,8 +82,13 @@ def parse_balance(
 
 
 def format_balance(value: Decimal, value_format: ValueFormat = "decimal") -> bytes:
-    """A PostgreSQL balance as Redis holds it: '1500.00', or 150000 in cents. Exact."""
-    amount = value.quantize(Decimal("0.01"))  # numeric(20,2): already two places, exact
+    """A PostgreSQL balance as Redis holds it: '1500.00', or 150000 in cents.
+
+    Exact or nothing: ValueError for a value with more than two decimals.
+    """
+    amount = value.quantize(Decimal("0.01"))
+    if amount != value:  # an application's wider numeric: never round, refuse
+        raise ValueError(f"{value} has more than two decimals")
     if value_format == "cents":
         return str(int(amount.scaleb(2))).encode()
     return str(amount).encode()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -54,13 +56,16 @@ def _docker_servers(stack: pytest.FixtureRequest) -> Servers:
 
 
 @pytest.fixture(scope="session")
-def servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Servers:
+def servers(request: pytest.FixtureRequest) -> Servers:
     """The servers of this test run."""
     pg_url = os.environ.get("BALSYNC_TEST_DATABASE_URL")
     redis_url = os.environ.get("BALSYNC_TEST_REDIS_URL")
     if os.environ.get("BALSYNC_TEST_BACKEND") == "docker":
         return _docker_servers(request)
-    base = tmp_path_factory.mktemp("servers")
+    # Not under pytest's temp root: another pytest session resets its permissions, and the
+    # embedded PostgreSQL runs as an unprivileged user that then loses its data folder.
+    base = Path(tempfile.mkdtemp(prefix="balsync-test-servers-"))
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
     if not pg_url:
         pg = PostgresServer(base / "postgres").start()
         request.addfinalizer(pg.stop)

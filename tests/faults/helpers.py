@@ -130,7 +130,9 @@ class Cli:
             )
         return Running(process, out, err, time.monotonic())
 
-    def run(self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None) -> Finished:
+    def run(
+        self, *args: str, timeout: float = 120, env: Mapping[str, str] | None = None
+    ) -> Finished:
         """Run one balsync command to its end."""
         return self.start(*args, env=env).wait(timeout)
 
@@ -169,7 +171,7 @@ def make_balances(count: int, seed_value: int) -> dict[int, str]:
 
 def valid_balance(raw: bytes, *, allow_negative: bool = False) -> Decimal | None:
     """SPEC's balance rule, written independently of balance_sync.validation."""
-    if not _BALANCE.fullmatch(raw):
+    if not _BALANCE.fullmatch(raw) or len(raw.lstrip(b"-0").split(b".")[0]) > 18:
         return None
     value = Decimal(raw.decode())
     if abs(value) >= BALANCE_LIMIT or (value < 0 and not allow_negative):
@@ -253,7 +255,8 @@ def assert_converged(
     missing = sorted(set(expected) - set(actual))
     unexpected = sorted(set(actual) - set(expected))
     wrong = sorted(i for i in set(expected) & set(actual) if expected[i] != actual[i])
-    assert not (missing or unexpected or wrong), (
+    problems = len(missing) + len(unexpected) + len(wrong)
+    assert problems == 0, (
         f"{len(missing)} valid keys have no row (e.g. {missing[:5]}), "
         f"{len(unexpected)} rows have no valid key (e.g. {unexpected[:5]}), "
         f"{len(wrong)} rows differ (e.g. "
@@ -424,8 +427,7 @@ def assert_ledger_consistent(db_url: str) -> dict[str, int]:
         c = run.counters
         if run.status in ("success", "partial"):
             assert (c["inserted"], c["updated"]) == (inserted, updated), (
-                f"run {run.id} reports {c}, its batches wrote {inserted} inserts, "
-                f"{updated} updates"
+                f"run {run.id} reports {c}, its batches wrote {inserted} inserts, {updated} updates"
             )
             assert c["processed"] == c["inserted"] + c["updated"] + c["unchanged"] + c["skipped"]
         else:

@@ -157,9 +157,7 @@ class Proxy:
             await self._swallow(reader, pair)
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(
-                self.target_host, self.target_port
-            )
+            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
             self._pairs.discard(pair)
             _reset(writer)

@@ -56,9 +56,7 @@ def test_postgres_crash_restart_mid_batch_is_retried_to_an_exact_state(
     install_ledger(bench.db_url)
     before = snapshot(bench.db_url)
 
-    running = bench.cli(retry_timeout=60).start(
-        "sync", "--json", "--force", "--batch-size", BATCH
-    )
+    running = bench.cli(retry_timeout=60).start("sync", "--json", "--force", "--batch-size", BATCH)
     wait_for_batches(bench.db_url, 30, running)
     bench.pg.stop("immediate")
     down = time.monotonic()
