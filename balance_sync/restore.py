@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,13 +19,12 @@ from balance_sync.errors import ConfigError
 from balance_sync.pg_store import Database, RunLock
 from balance_sync.redis_store import RedisStore
 from balance_sync.settings import Settings
-from balance_sync.validation import ValueFormat, parse_balance, parse_id
+from balance_sync.validation import parse_id, redis_value
 
 log = logging.getLogger(__name__)
 
 Status = Literal["success", "partial", "skipped"]
 DEFAULT_BATCH_SIZE = 1000
-_NUMERIC_TEXT = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
 
 
 @dataclass(frozen=True)
@@ -81,29 +79,6 @@ def parse_ids(text: str) -> tuple[int, ...]:
             )
         ids[int(item)] = None
     return tuple(ids)
-
-
-def redis_value(balance: str, value_format: ValueFormat) -> bytes | str:
-    """A balance as PostgreSQL's text, as Redis holds it; or why it cannot be written.
-
-    Exact string arithmetic: '1500.00' stays '1500.00' (decimal) or becomes '150000'
-    (cents). A balance that needs more than two decimals is refused, never rounded.
-    """
-    match = _NUMERIC_TEXT.fullmatch(balance)
-    if match is None:
-        return "balance is not a plain decimal number"
-    sign, integer, fraction = match.groups()
-    fraction = fraction or ""
-    if fraction[2:].strip("0"):
-        return "balance has more than 2 decimal places (never rounded)"
-    if value_format == "cents":
-        digits = (integer + fraction[:2].ljust(2, "0")).lstrip("0") or "0"
-        text = (sign if digits != "0" else "") + digits
-    else:
-        text = sign + integer + ("." + fraction[:2] if fraction else "")
-    value = text.encode()
-    checked = parse_balance(value, value_format=value_format, allow_negative=True)
-    return checked if isinstance(checked, str) else value
 
 
 def run_restore(settings: Settings, options: RestoreOptions) -> RestoreResult:

@@ -27,7 +27,7 @@ from balance_sync.pg_store import (
 )
 from balance_sync.redis_store import RedisStore
 from balance_sync.settings import Settings
-from balance_sync.validation import InvalidRecord, ValidRecord, format_balance, validate
+from balance_sync.validation import InvalidRecord, ValidRecord, redis_value, validate
 
 log = logging.getLogger(__name__)
 
@@ -498,10 +498,9 @@ class _Writing:
         for c in counts.conflicts:
             if c.resolution != "db" or c.telegram_id not in batch.raw:
                 continue
-            try:
-                value = format_balance(c.db_value, self.settings.value_format)
-            except ValueError as exc:
-                log.warning("Redis key %s%d left as it is: %s", prefix, c.telegram_id, exc)
+            value = redis_value(str(c.db_value), self.settings.value_format)
+            if isinstance(value, str):
+                log.warning("Redis key %s%d left as it is: %s", prefix, c.telegram_id, value)
                 continue
             items.append((prefix.encode() + b"%d" % c.telegram_id, batch.raw[c.telegram_id], value))
         self.redis.set_if_equal(items)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Literal
 
 MAX_ID = b"9223372036854775807"
@@ -19,6 +18,7 @@ _ID = re.compile(rb"[1-9][0-9]{0,18}")
 _DECIMAL = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]{1,2}))?")
 _TOO_PRECISE = re.compile(rb"-?[0-9]+\.[0-9]{3,}")
 _CENTS = re.compile(rb"(-?)([0-9]+)")
+_NUMERIC_TEXT = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")  # PostgreSQL's numeric as text
 
 ValueFormat = Literal["decimal", "cents"]
 ValidRecord = tuple[bytes, bytes]
@@ -81,17 +81,27 @@ def parse_balance(
     return amount
 
 
-def format_balance(value: Decimal, value_format: ValueFormat = "decimal") -> bytes:
-    """A PostgreSQL balance as Redis holds it: '1500.00', or 150000 in cents.
+def redis_value(balance: str, value_format: ValueFormat) -> bytes | str:
+    """A balance as PostgreSQL's text, as Redis holds it; or why it cannot be written.
 
-    Exact or nothing: ValueError for a value with more than two decimals.
+    Exact string arithmetic: '1500.00' stays '1500.00' (decimal) or becomes '150000'
+    (cents). A balance that needs more than two decimals is refused, never rounded.
     """
-    amount = value.quantize(Decimal("0.01"))
-    if amount != value:  # an application's wider numeric: never round, refuse
-        raise ValueError(f"{value} has more than two decimals")
+    match = _NUMERIC_TEXT.fullmatch(balance)
+    if match is None:
+        return "balance is not a plain decimal number"
+    sign, integer, fraction = match.groups()
+    fraction = fraction or ""
+    if fraction[2:].strip("0"):
+        return "balance has more than 2 decimal places (never rounded)"
     if value_format == "cents":
-        return str(int(amount.scaleb(2))).encode()
-    return str(amount).encode()
+        digits = (integer + fraction[:2].ljust(2, "0")).lstrip("0") or "0"
+        text = (sign if digits != "0" else "") + digits
+    else:
+        text = sign + integer + ("." + fraction[:2] if fraction else "")
+    value = text.encode()
+    checked = parse_balance(value, value_format=value_format, allow_negative=True)
+    return checked if isinstance(checked, str) else value
 
 
 def validate(

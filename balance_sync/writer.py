@@ -20,7 +20,7 @@ from decimal import Decimal
 import redis
 
 from balance_sync.redis_store import TrackedWrites
-from balance_sync.validation import ValueFormat, format_balance, parse_balance
+from balance_sync.validation import ValueFormat, parse_balance, redis_value
 
 
 class BalanceWriter:
@@ -54,7 +54,10 @@ class BalanceWriter:
         self._writes.mark(telegram_ids)
 
     def _encode(self, amount: Decimal) -> bytes:
-        return format_balance(amount, self.value_format)
+        value = redis_value(str(amount), self.value_format)
+        if isinstance(value, str):
+            raise ValueError(f"{amount} cannot be stored: {value}")
+        return value
 
 
 def _decimal(amount: Decimal | str) -> Decimal:

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from balance_sync.pg_store import Database
 from balance_sync.redis_store import RedisStore
-from balance_sync.restore import RestoreOptions, parse_ids, redis_value, run_restore
+from balance_sync.restore import RestoreOptions, parse_ids, run_restore
 from balance_sync.settings import TableName, resolve_settings
-from balance_sync.validation import parse_balance
+from balance_sync.validation import parse_balance, redis_value
 from tests.devservers import ValkeyServer, free_port
 
 Pg = psycopg.Connection[tuple[object, ...]]
