@@ -22,7 +22,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow, class_row
 
 from balance_sync import __version__, retry
-from balance_sync.errors import LockLost, PostgresUnavailable, SchemaMissing
+from balance_sync.errors import BalsyncError, LockLost, PostgresUnavailable, SchemaMissing
 from balance_sync.settings import Settings, TableName, mask_url
 from balance_sync.validation import InvalidRecord, ValidRecord
 
@@ -309,7 +309,13 @@ class Database:
                     created.append(f"table {settings.table}")
             return created
 
-        return self.call(run)
+        try:
+            return self.call(run)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise BalsyncError(
+                f"init-db is not allowed for this user: {_first_line(exc)}",
+                "run it once as the database owner; balsync's own role needs no DDL rights",
+            ) from exc
 
     def schema_present(self) -> bool:
         """True when `init-db` has created balsync's own tables."""
@@ -941,14 +947,11 @@ class RunLock:
     def holder_pid(self) -> int:
         """The server process that holds the lock for this run, re-taking it if needed."""
         with self._mutex:
-            pid = self.db.call(
-                lambda conn: (conn.execute("SELECT 1"), conn.info.backend_pid)[1]
-            )
+            pid = self.db.call(lambda conn: (conn.execute("SELECT 1"), conn.info.backend_pid)[1])
             if pid != self._pid:
                 if not self.db.try_lock(self.table, 0):
                     raise LockLost(
-                        f"this run lost the advisory lock on {self.table} and another run "
-                        "took it",
+                        f"this run lost the advisory lock on {self.table} and another run took it",
                         "the other run finishes the work; nothing needs doing",
                     )
                 self._pid = pid
@@ -979,8 +982,7 @@ def _relation_exists(conn: Connection, table: TableName) -> bool:
 
 def _check_lock(conn: Connection, table: TableName, holder_pid: int) -> None:
     row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND granted AND "
-        + _LOCK_ROW + ")",
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND granted AND " + _LOCK_ROW + ")",
         (holder_pid, LOCK_CLASS, _ident(table).as_string(conn)),
     ).fetchone()
     if not (row and row[0]):

@@ -48,12 +48,12 @@ _STATUS_STYLE = {
 
 def stdout_console() -> Console:
     """Where results go."""
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True, emoji=False)
 
 
 def stderr_console() -> Console:
     """Where diagnostics and progress go."""
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True, emoji=False)
 
 
 def print_json(data: object, out: TextIO | None = None) -> None:
@@ -141,8 +141,12 @@ def conflicts_table(run_id: int | None, conflicts: list[Conflict], prefix: str) 
         table.add_column(column, justify="right" if column in ("PostgreSQL", "Redis") else "left")
     for c in conflicts:
         table.add_row(
-            f"{prefix}{c.telegram_id}", str(c.db_value), str(c.redis_value),
-            "" if c.last_written is None else str(c.last_written), c.kind, c.resolution,
+            Text(
+                f"{prefix}{c.telegram_id}"
+            ),  # a prefix may hold [markup] str(c.db_value), str(c.redis_value),
+            "" if c.last_written is None else str(c.last_written),
+            c.kind,
+            c.resolution,
         )
     return table
 

@@ -130,8 +130,11 @@ def check_redis_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"invalid Redis URL {mask_url(url)}: {exc}") from exc
+    except ValueError as exc:  # its text may quote the password: not shown
+        raise ConfigError(
+            f"invalid Redis URL {mask_url(url)}: bad host or port",
+            "percent-encode / # ? @ in the password",
+        ) from exc
     if parts.scheme not in REDIS_SCHEMES:
         raise ConfigError(
             f"invalid Redis URL {mask_url(url)}",
@@ -184,22 +187,18 @@ def check_database_url(url: str) -> str:
     return url
 
 
-_USERINFO_PASSWORD = re.compile(r"(//[^/@:]*:)[^@]*@")
+# scheme://user: ... up to the last @ (the password may itself hold @, / or #)
+_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#]*:).*@", re.DOTALL)
 _CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a URL or libpq conninfo string; everything else stays readable."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # unparsable, but may still carry user:password@
-        return _CONNINFO_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
-    if parts.scheme and parts.netloc and parts.password is not None:
-        userinfo, _, hostinfo = parts.netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        parts = parts._replace(netloc=f"{user}:***@{hostinfo}")
-        url = urlunsplit(parts)
-    return _CONNINFO_PASSWORD.sub(r"\1***", url)
+    """Hide the password of a URL or libpq conninfo string; everything else stays readable.
+
+    Works on the raw text, not a parsed URL: libpq accepts a password with an unencoded
+    `/`, `?` or `#`, where a URL parser would end the host part early and show the rest.
+    """
+    return _CONNINFO_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
 
 
 def _number(raw: object, name: str, *, minimum: float) -> float:

@@ -118,4 +118,4 @@ def write_results(path: Path, text: str, machine: Machine, n: int, command: str)
         "- a shared, noisy machine: quote medians and ratios, treat each figure as ±20 %",
         "",
     ]
-    path.write_text("\n".join(head) + text)
+    path.write_text("\n".join(head) + "\n" + text)

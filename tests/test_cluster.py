@@ -403,3 +403,19 @@ def test_incremental_sync_reads_the_marked_ids_on_every_node(
     data = json.loads(result.stdout)
     assert (result.exit_code, data["processed"], data["updated"]) == (0, 3, 3)
     assert {i for i, v in balances(pg).items() if v == "7.77"} == set(changed.values())
+
+
+def test_health_flags_an_evicting_policy_on_any_one_primary(
+    cbalsync: Balsync, cluster: ValkeyCluster
+) -> None:
+    """One primary with allkeys-lru among noeviction ones: the policy check fails, naming both."""
+    node = redis.Redis.from_url(cluster.node_url(1))
+    node.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        result = cbalsync("health", "--json")
+    finally:
+        node.config_set("maxmemory-policy", "noeviction")
+        node.close()
+    checks = {check["name"]: check for check in json.loads(result.stdout)["checks"]}
+    assert checks["eviction_policy"]["ok"] is False
+    assert "maxmemory-policy allkeys-lru,noeviction" in checks["eviction_policy"]["detail"]

@@ -306,11 +306,6 @@ UNENCODED = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak, reported: settings.mask_url keeps a password holding an unencoded "
-    "/ # ? (urlsplit ends the netloc there); remove this mark once it is fixed",
-)
 @pytest.mark.parametrize("template", UNENCODED)
 def test_a_password_with_unencoded_url_characters_is_masked(tmp_path, template):
     """A password that holds / # or ? unencoded is masked in errors like any other."""
