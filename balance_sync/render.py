@@ -66,15 +66,21 @@ def styled(status: str) -> str:
     return f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]"
 
 
-def sync_table(result: SyncResult, target: str) -> Table:
-    """The summary of one sync as a two-column table."""
-    title = "Dry run: nothing was written" if result.dry_run else f"Sync of {target}"
+def summary_table(title: str, status: str, reason: str = "") -> Table:
+    """A two-column summary that starts with the status (and why, when skipped)."""
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
-    table.add_row("status", styled(result.status))
-    if result.status == "skipped":
-        table.add_row("reason", result.reason)
+    table.add_row("status", styled(status))
+    if status == "skipped":
+        table.add_row("reason", Text(reason))
+    return table
+
+
+def sync_table(result: SyncResult, target: str) -> Table:
+    """The summary of one sync as a two-column table."""
+    title = "Dry run: nothing was written" if result.dry_run else f"Sync of {target}"
+    table = summary_table(title, result.status, result.reason)
     verb = "would be " if result.dry_run else ""
     for name in ("processed", "inserted", "updated", "unchanged", "skipped", "invalid"):
         label = f"{verb}{name}" if name in ("inserted", "updated") else name
@@ -226,12 +232,8 @@ def clear_cache_table(result: ClearResult, target: str) -> Table:
         if result.dry_run
         else f"clear-cache against {target}"
     )
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("status", styled(result.status))
+    table = summary_table(title, result.status, result.reason)
     if result.status == "skipped":
-        table.add_row("reason", result.reason)
         return table
     table.add_row("scanned", f"{result.scanned:,}")
     table.add_row("would be deleted" if result.dry_run else "deleted", f"{result.deleted:,}")
@@ -249,12 +251,8 @@ def restore_table(result: RestoreResult, target: str) -> Table:
     title = (
         "Dry run of restore: nothing was written" if result.dry_run else f"restore from {target}"
     )
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("status", styled(result.status))
+    table = summary_table(title, result.status, result.reason)
     if result.status == "skipped":
-        table.add_row("reason", result.reason)
         return table
     table.add_row("rows read", f"{result.total:,}")
     table.add_row("would be restored" if result.dry_run else "restored", f"{result.restored:,}")

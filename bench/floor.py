@@ -23,7 +23,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, LiteralString, cast
 
 import psycopg
 import redis
@@ -35,6 +35,9 @@ SCAN_COUNT = 1000
 BATCH_ROWS = 10_000
 QUEUE_DEPTH = 4
 WRITERS = 2
+
+BIG_MERGE_PLAN: tuple[LiteralString, ...] = ("SET LOCAL enable_nestloop = off",)
+BATCH_PLAN: tuple[LiteralString, ...] = ("SET LOCAL enable_seqscan = off",)
 
 Strategy = Literal["batched", "streamed"]
 STRATEGIES: tuple[Strategy, ...] = ("batched", "streamed")
@@ -144,7 +147,8 @@ def _merge(
     statement (and the other writer) grows it: quadratic (100 000 rows took 80 s). So the
     join method is pinned: one big merge hashes the target once, a batch probes its index.
     """
-    conn.execute("SET LOCAL enable_nestloop = off" if big else "SET LOCAL enable_seqscan = off")
+    for setting in BIG_MERGE_PLAN if big else BATCH_PLAN:
+        conn.execute(setting)
     updated = conn.execute(_UPDATE.format(table=ident(table))).rowcount
     inserted = conn.execute(_INSERT.format(table=ident(table))).rowcount
     return updated, inserted

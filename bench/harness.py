@@ -1,9 +1,9 @@
 """The measurements: balsync and its floor, side by side, scenario by scenario.
 
-Every timed run, balsync's or a floor script's, is preceded by the same preparation (the
-scenario's change in Redis, VACUUM ANALYZE, CHECKPOINT), and balsync alternates with the
-floor scripts inside each repeat, so a noisy minute on the shared machine falls on both
-sides instead of on one.
+Each repeat of a scenario is a round: Redis is changed once, then balsync and every floor
+script run in turn, each on a table of its own that held Redis's previous values, each after
+the same VACUUM ANALYZE and CHECKPOINT. So all of them move exactly the same rows, and a noisy
+minute on the shared machine falls on both sides instead of on one.
 """
 
 from __future__ import annotations

@@ -74,6 +74,7 @@ def test_eight_syncs_with_wait_all_run_one_after_another(
     finished, took = _eight_at_once(bench, "--wait", "60")
     assert [f.code for f in finished] == [0] * RUNS, [str(f) for f in finished]
     assert [f.data["status"] for f in finished] == ["success"] * RUNS
+    assert [f.data["processed"] for f in finished] == [KEYS] * RUNS  # --force reads every key
     # Exactly one of them found the changes; the others found nothing left to do.
     assert sorted(int(f.data["updated"]) for f in finished) == [0] * (RUNS - 1) + [5000]  # type: ignore[call-overload]
     runs = sync_runs(bench.db_url)[1:]
