@@ -49,13 +49,13 @@ bench: install ## sync vs its floor on N scratch keys (N=1000000, RSS5N=1 adds 5
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install ## ruff and mypy --strict
-	$(BIN)/ruff check balance_sync tests
-	$(BIN)/ruff format --check balance_sync tests
+	$(BIN)/ruff check balance_sync tests bench
+	$(BIN)/ruff format --check balance_sync tests bench
 	$(BIN)/mypy
 
 format: install ## apply ruff's formatting and safe fixes
-	$(BIN)/ruff format balance_sync tests
-	$(BIN)/ruff check --fix balance_sync tests
+	$(BIN)/ruff format balance_sync tests bench
+	$(BIN)/ruff check --fix balance_sync tests bench
 
 clean: ## remove the virtualenv, caches and the demo's data (stop the demo first)
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -843,22 +843,37 @@ def _human_bytes(size: int) -> str:
 
 class TrackedWrites:
     """The application's side of change tracking: write a balance and mark its id dirty in
-    one atomic step, so `balsync sync --incremental` never misses a change."""
+    one atomic step, so `balsync sync --incremental` never misses a change.
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    In a Redis Cluster the balance key and the dirty set live in different slots, so no
+    script can touch both: the mark follows the write. A claim between the two only moves
+    the id to the next run; a crash between them leaves the change to the next full scan.
+    """
+
+    def __init__(self, client: redis.Redis | RedisCluster, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
         self.keys = dirty_keys(prefix)
+        self.cluster = isinstance(client, RedisCluster)
         self._set = client.register_script(_SET_AND_MARK)
         self._incrby = client.register_script(_INCRBY_AND_MARK)
 
     def set(self, telegram_id: int, value: bytes) -> None:
         """SET the balance key to `value` and mark the id."""
-        self._set(keys=[f"{self.prefix}{telegram_id}", self.keys[0]], args=[value, telegram_id])
+        key = f"{self.prefix}{telegram_id}"
+        if self.cluster:
+            self.client.set(key, value)
+            self.client.sadd(self.keys[0], telegram_id)
+            return
+        self._set(keys=[key, self.keys[0]], args=[value, telegram_id])
 
     def incrby(self, telegram_id: int, delta: int) -> int:
         """INCRBY an integer balance (cents) and mark the id; the new value."""
         key = f"{self.prefix}{telegram_id}"
+        if self.cluster:
+            value = int(self.client.incrby(key, delta))
+            self.client.sadd(self.keys[0], telegram_id)
+            return value
         return int(self._incrby(keys=[key, self.keys[0]], args=[delta, telegram_id]))
 
     def replace(self, telegram_id: int, compute: Callable[[bytes | None], bytes]) -> bytes:
@@ -870,15 +885,18 @@ class TrackedWrites:
         while True:
             with self.client.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(key)  # type: ignore[no-untyped-call]
+                    pipe.watch(key)
                     new = compute(cast(bytes | None, pipe.get(key)))
                     pipe.multi()
                     pipe.set(key, new)
-                    pipe.sadd(self.keys[0], telegram_id)
+                    if not self.cluster:
+                        pipe.sadd(self.keys[0], telegram_id)
                     pipe.execute()
-                    return new
                 except rx.WatchError:
                     continue
+            if self.cluster:
+                self.client.sadd(self.keys[0], telegram_id)
+            return new
 
     def mark(self, telegram_ids: Sequence[int]) -> None:
         """Mark ids changed by other means (a bulk import, a migration)."""

@@ -8,8 +8,10 @@
     balances.set(42, Decimal("1500.00"))      # SET balance:42 1500.00 + mark 42 dirty
     balances.adjust(42, Decimal("-20.50"))    # exact, atomic; returns the new balance
 
-Each write and its mark are one atomic step, so `balsync sync --incremental` syncs exactly
-the ids that changed. Amounts are Decimal or str, never float.
+On one server each write and its mark are one atomic step, so `balsync sync --incremental`
+syncs exactly the ids that changed; in a Redis Cluster the mark follows the write (see
+`TrackedWrites`), and the daily full scan covers the rare crash between the two. Amounts
+are Decimal or str, never float.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import redis
+from redis.cluster import RedisCluster
 
 from balance_sync.redis_store import TrackedWrites
 from balance_sync.validation import ValueFormat, parse_balance, redis_value
@@ -27,7 +30,10 @@ class BalanceWriter:
     """Set or adjust balances in Redis and mark them for `balsync sync --incremental`."""
 
     def __init__(
-        self, client: redis.Redis, prefix: str = "balance:", value_format: ValueFormat = "decimal"
+        self,
+        client: redis.Redis | RedisCluster,
+        prefix: str = "balance:",
+        value_format: ValueFormat = "decimal",
     ) -> None:
         self.value_format = value_format
         self._writes = TrackedWrites(client, prefix)

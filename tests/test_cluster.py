@@ -17,8 +17,9 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from balance_sync.redis_store import RedisStore, TrackedWrites
+from balance_sync.redis_store import RedisStore, TrackedWrites, dirty_keys
 from balance_sync.settings import resolve_settings
+from balance_sync.writer import BalanceWriter
 from tests.conftest import Balsync, Servers, balances
 from tests.devservers import ValkeyCluster, free_port
 
@@ -419,3 +420,21 @@ def test_health_flags_an_evicting_policy_on_any_one_primary(
     checks = {check["name"]: check for check in json.loads(result.stdout)["checks"]}
     assert checks["eviction_policy"]["ok"] is False
     assert "maxmemory-policy allkeys-lru,noeviction" in checks["eviction_policy"]["detail"]
+
+
+def test_balance_writer_marks_writes_in_a_cluster(
+    cbalsync: Balsync, crc: RedisCluster, key_prefix: str, pg: Conn
+) -> None:
+    """BalanceWriter works against a cluster: set, adjust and cents land, and are marked."""
+    writer = BalanceWriter(crc, prefix=key_prefix)
+    cents = BalanceWriter(crc, prefix=key_prefix, value_format="cents")
+    for telegram_id in range(1, 31):
+        writer.set(telegram_id, "1.00")
+    assert writer.adjust(1, "0.25") == Decimal("1.25")
+    result = cbalsync("sync", "--json", "--incremental", "--min-interval", "0")
+    data = json.loads(result.stdout)
+    assert (result.exit_code, data["processed"], data["inserted"]) == (0, 30, 30)
+    assert balances(pg)[1] == "1.25"
+    crc.set(f"{key_prefix}40", "100")
+    assert cents.adjust(40, "0.05") == Decimal("1.05")
+    assert crc.sismember(dirty_keys(key_prefix)[0], "40")

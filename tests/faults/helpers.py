@@ -7,6 +7,7 @@ triggers of the test's own, that shows no batch was applied twice.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -30,6 +31,7 @@ BALANCE_LIMIT = Decimal(10) ** 18
 _ID = re.compile(rb"[1-9][0-9]*")
 _BALANCE = re.compile(rb"-?[0-9]+(\.[0-9]{1,2})?")
 _INHERITED = ("BALSYNC_", "REDIS_", "PG")
+_PROCESSES = itertools.count(1)  # names each process's output files
 
 
 # -- balsync as a real process ------------------------------------------------------------
@@ -108,13 +110,12 @@ class Cli:
 
     workdir: Path
     env: dict[str, str]
-    _count: int = 0
 
     def start(self, *args: str, env: Mapping[str, str] | None = None) -> Running:
         """Start one balsync command."""
-        self._count += 1
-        out = self.workdir / f"balsync-{self._count}.out"
-        err = self.workdir / f"balsync-{self._count}.err"
+        number = next(_PROCESSES)
+        out = self.workdir / f"balsync-{number}.out"
+        err = self.workdir / f"balsync-{number}.err"
         environ = {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED)}
         environ.pop("DATABASE_URL", None)
         environ.update(self.env)
