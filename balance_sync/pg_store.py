@@ -7,11 +7,12 @@ into SQL text, so a hostile name cannot change the statement.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -27,6 +28,7 @@ from balance_sync.settings import Settings, TableName, mask_url
 from balance_sync.validation import InvalidRecord, ValidRecord
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Connection = psycopg.Connection[TupleRow]
 
 SCHEMA = "balsync"
@@ -41,6 +43,10 @@ CONNECT_OPTIONS: dict[str, Any] = {
     "tcp_user_timeout": 30000,
 }
 RAW_VALUE_LIMIT = 200
+# The least time one attempt (a statement, a batch's transaction) may go unanswered; the
+# retry budget raises it. Far above a healthy batch merge, short enough that a silent
+# server becomes exit 4 instead of a hung cron job.
+MIN_ATTEMPT_DEADLINE = 30.0
 UNKNOWN_ID = "unknown id: no such row, and the table takes no inserts"
 
 _BOOKKEEPING: list[LiteralString] = [
@@ -230,6 +236,7 @@ class Database:
     def __init__(self, url: str, retry_timeout: float) -> None:
         self.url = url
         self.retry_timeout = retry_timeout
+        self.deadline = max(MIN_ATTEMPT_DEADLINE, retry_timeout)
         self._conn: Connection | None = None
 
     # -- connection -------------------------------------------------------------------
@@ -261,7 +268,9 @@ class Database:
         """
 
         def attempt() -> T:
-            return fn(self.connection())
+            conn = self.connection()
+            with _watchdog(conn, self.deadline):
+                return fn(conn)
 
         try:
             return retry.call(
@@ -422,11 +431,13 @@ class Database:
 
     def unlock(self, table: TableName) -> None:
         """Release the table's advisory lock (closing the connection would too)."""
-        if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            self._conn.execute(
-                "SELECT pg_advisory_unlock(%s, to_regclass(%s)::oid::int4)",
-                (LOCK_CLASS, _ident(table).as_string(self._conn)),
-            )
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            with _watchdog(conn, 5.0):  # a trivial statement; the lock dies with the session anyway
+                conn.execute(
+                    "SELECT pg_advisory_unlock(%s, to_regclass(%s)::oid::int4)",
+                    (LOCK_CLASS, _ident(table).as_string(conn)),
+                )
 
     # -- run records --------------------------------------------------------------------
 
@@ -962,6 +973,31 @@ class RunLock:
         # If the connection is gone, the lock went with it.
         with contextlib.suppress(psycopg.Error):
             self.db.unlock(self.table)
+
+
+@contextlib.contextmanager
+def _watchdog(conn: Connection, seconds: float) -> Iterator[None]:
+    """Cut the connection if one attempt outlasts `seconds`.
+
+    Keepalives and tcp_user_timeout notice a dead peer, not a live one that never answers
+    (a hung server, a stuck pooler or load balancer): there psycopg would wait forever.
+    Shutting the socket down wakes it with an error that the retry policy handles.
+    """
+
+    def cut() -> None:
+        log.warning("PostgreSQL did not answer within %.0fs; dropping the connection", seconds)
+        with contextlib.suppress(OSError, psycopg.Error):
+            fd = os.dup(conn.pgconn.socket)
+            with socket.socket(fileno=fd) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -250,6 +250,14 @@ class Bench:
         result.naive.add(self.naive(scenario))
         say(f"{label} naive {result.naive.values[-1]:.2f} s")
 
+    def save(self) -> str:
+        """Render the results so far, and write them to the results file when there is one."""
+        text = render(self.results)
+        config = self.config
+        if config.results_path is not None:
+            write_results(config.results_path, text, self.results.machine, config.n, config.command)
+        return text
+
     def run(self) -> Results:
         """Seed, measure every scenario, and the 5N runs when asked."""
         config, r, say = self.config, self.results, self.progress
@@ -265,6 +273,8 @@ class Bench:
             for i in range(config.repeat):
                 self.round(scenario, f"[{scenario} {i + 1}/{config.repeat}]")
         if config.rss_5n:
+            # The 5N runs take long: the figures at N are on disk before they start.
+            self.save()
             say(f"seeding up to {5 * config.n} keys for the 5N runs")
             self.scratch.seed(5 * config.n)
             self.synced = dict.fromkeys(self.synced, False)
@@ -282,11 +292,9 @@ def run_bench(config: Config, progress: Progress = lambda line: None) -> tuple[R
     Returns the results and the markdown text; writes it to `config.results_path` too.
     """
     with Scratch(config.admin_url, config.redis_url) as scratch:
-        results = Bench(config, scratch, progress).run()
-    text = render(results)
-    if config.results_path is not None:
-        write_results(config.results_path, text, results.machine, config.n, config.command)
-    return results, text
+        bench = Bench(config, scratch, progress)
+        results = bench.run()
+        return results, bench.save()
 
 
 # -- rendering ----------------------------------------------------------------------------
@@ -357,7 +365,11 @@ def render(r: Results) -> str:
                 f"({ratio(run.wall_s, r.scenarios[name].balsync.median)} of N's time)"
             )
     else:
-        out.append("- at 5N: not measured (`--rss-5n`, or `make bench RSS5N=1`)")
+        out.append(
+            "- at 5N: still running"
+            if r.config.rss_5n
+            else "- at 5N: not measured (`--rss-5n`, or `make bench RSS5N=1`)"
+        )
     out += _targets(r, rss_n, growth)
     out += [
         "",
