@@ -27,12 +27,12 @@ from balance_sync.pg_store import (
 )
 from balance_sync.redis_store import RedisStore
 from balance_sync.settings import Settings
-from balance_sync.validation import InvalidRecord, ValidRecord, redis_value, validate
+from balance_sync.validation import InvalidRecord, ValidRecord, redis_value, validate_page
 
 log = logging.getLogger(__name__)
 
 Status = Literal["success", "partial", "skipped", "failed"]
-DEFAULT_BATCH_SIZE = 10_000
+DEFAULT_BATCH_SIZE = 25_000  # measured: per-batch overhead fades, memory stays small
 DEFAULT_MIN_INTERVAL = 300.0
 SKIPPED_RECORDS_CAP = 1000
 CONFLICTS_CAP = 10_000  # a Redis restart can hold back every row; a sample is enough
@@ -293,18 +293,16 @@ def _read_batches(
         for key, kind in page.wrong_type:
             batch.keys += 1
             batch.invalid.append(InvalidRecord(key, None, f"key holds a {kind}, not a string"))
-        for key, raw in page.values:
+        for key, raw, checked in validate_page(
+            page.values,
+            prefix_length,
+            value_format=settings.value_format,
+            allow_negative=options.allow_negative,
+        ):
             if key in seen:
                 continue
             seen.add(key)
             batch.keys += 1
-            checked = validate(
-                key,
-                raw,
-                prefix_length,
-                value_format=settings.value_format,
-                allow_negative=options.allow_negative,
-            )
             if narrow and not isinstance(checked, InvalidRecord):
                 problem = column.problem(checked[1])
                 if problem:  # valid by SPEC's rules, so skipped but not counted invalid

@@ -8,6 +8,7 @@ int, float or Decimal on the way.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -120,3 +121,39 @@ def validate(
     if isinstance(amount, str):
         return InvalidRecord(key, raw, amount)
     return (telegram_id, amount)
+
+
+# The common case, checked in one pass: an id of at most 18 digits is always below 2^63 and a
+# non-negative value of at most 18 integer digits always below 10^18, so nothing else needs
+# checking. Anything else takes the full path above, with its reasons.
+_COMMON_ID = re.compile(rb"[1-9][0-9]{0,17}").fullmatch
+_COMMON_DECIMAL = re.compile(rb"[0-9]{1,18}(?:\.[0-9]{1,2})?").fullmatch
+
+
+def validate_page(
+    values: Iterable[tuple[bytes, bytes]],
+    prefix_length: int,
+    *,
+    value_format: ValueFormat = "decimal",
+    allow_negative: bool = False,
+) -> Iterator[tuple[bytes, bytes, ValidRecord | InvalidRecord]]:
+    """`validate` for a page of (key, value) pairs: each key and value with the outcome
+    `validate` gives, but about twice as fast on the records most pages are made of."""
+    fast = value_format == "decimal"
+    common_id, common_decimal = _COMMON_ID, _COMMON_DECIMAL
+    for key, raw in values:
+        suffix = key[prefix_length:]
+        if fast and common_id(suffix) and common_decimal(raw):
+            yield key, raw, (suffix, raw)
+        else:
+            yield (
+                key,
+                raw,
+                validate(
+                    key,
+                    raw,
+                    prefix_length,
+                    value_format=value_format,
+                    allow_negative=allow_negative,
+                ),
+            )

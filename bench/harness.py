@@ -25,6 +25,7 @@ from bench.report import (
     TARGET_RSS_MB,
     Machine,
     Samples,
+    code_version,
     ratio,
     verdict,
     write_results,
@@ -120,6 +121,7 @@ class Bench:
         redis_version, pg_version = scratch.server_versions()
         self.results = Results(config, Machine.here(redis_version, pg_version))
         self.results.prefix, self.results.dbname = scratch.prefix, scratch.dbname
+        self.code_at_start = code_version()
         self.expected = {"inserted": 0, "updated": 0}
         self.tables = {name: scratch.floor_table(name) for name in FLOOR_TABLES}
         # Which tables hold every key's current value; none does before the first sync.
@@ -254,8 +256,13 @@ class Bench:
         """Render the results so far, and write them to the results file when there is one."""
         text = render(self.results)
         config = self.config
+        code = code_version()
+        if code != self.code_at_start:
+            code = f"{self.code_at_start} at the start, {code} at the end: the code changed mid-run"
         if config.results_path is not None:
-            write_results(config.results_path, text, self.results.machine, config.n, config.command)
+            write_results(
+                config.results_path, text, self.results.machine, config.n, config.command, code=code
+            )
         return text
 
     def run(self) -> Results:

@@ -103,7 +103,9 @@ def code_version() -> str:
     return described + (" (uncommitted changes included)" if described.endswith("-dirty") else "")
 
 
-def write_results(path: Path, text: str, machine: Machine, n: int, command: str) -> None:
+def write_results(
+    path: Path, text: str, machine: Machine, n: int, command: str, *, code: str
+) -> None:
     """bench/results.md: the date, N, the machine, the servers, the command, the tables."""
     head = [
         "# balsync benchmark",
@@ -114,7 +116,7 @@ def write_results(path: Path, text: str, machine: Machine, n: int, command: str)
         f"Python {machine.python}, {platform.platform()}",
         f"- servers: Redis {machine.redis_version}, PostgreSQL {machine.postgres_version}",
         f"- command: `{command}`",
-        f"- code: {code_version()}",
+        f"- code: {code}",
         "- a shared, noisy machine: quote medians and ratios, treat each figure as ±20 %",
         "",
     ]

@@ -223,14 +223,21 @@ class Scratch:
         self.init_db()
 
     def settle(self) -> None:
-        """VACUUM ANALYZE the whole database, then CHECKPOINT (when the admin role may).
+        """VACUUM ANALYZE every table but the catalogs, then CHECKPOINT (when allowed).
 
         Before every timed run: each contestant meets a vacuumed table (as autovacuum would
         leave it between hourly runs) and a fresh checkpoint, so the full-page writes after
         it fall on every contestant alike instead of on whoever runs after a timed one.
-        The whole database, because balsync's own bookkeeping tables churn too.
+        Every table, because balsync's own bookkeeping tables churn too.
         """
-        self.execute("VACUUM (ANALYZE)")
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            tables = conn.execute(
+                """SELECT schemaname, tablename FROM pg_tables
+                   WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"""
+            ).fetchall()
+            if tables:
+                names = sql.SQL(", ").join(sql.Identifier(s, t) for s, t in tables)
+                conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(names))
         if not self.can_checkpoint:
             return
         try:

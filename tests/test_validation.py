@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from balance_sync.validation import InvalidRecord, parse_balance, parse_id, validate
+from balance_sync.validation import InvalidRecord, parse_balance, parse_id, validate, validate_page
 
 PREFIX = b"balance:"
 MAX_ID = 2**63 - 1
@@ -388,3 +388,41 @@ def test_validate_never_raises_on_any_bytes(
         assert parse_id(telegram_id) == telegram_id
         assert 1 <= int(telegram_id) <= MAX_ID
         assert abs(Decimal(amount.decode("ascii"))) < LIMIT
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(
+                st.integers(0, 2**64).map(lambda i: str(i).encode()),
+                st.from_regex(rb"\A-?0*[0-9]{0,20}\Z"),
+                st.binary(max_size=8),
+            ),
+            st.one_of(
+                st.from_regex(rb"\A-?[0-9]{0,21}(\.[0-9]{0,3})?\Z"),
+                st.binary(max_size=8),
+            ),
+        ),
+        max_size=20,
+    ),
+    st.sampled_from(["decimal", "cents"]),
+    st.booleans(),
+)
+def test_validate_page_agrees_with_validate(pairs, value_format, allow_negative):
+    """The fast path of a page gives, record for record, what `validate` gives."""
+    prefix = b"balance:"
+    values = [(prefix + suffix, raw) for suffix, raw in pairs]
+    fast = list(
+        validate_page(values, len(prefix), value_format=value_format, allow_negative=allow_negative)
+    )
+    slow = [
+        (
+            key,
+            raw,
+            validate(
+                key, raw, len(prefix), value_format=value_format, allow_negative=allow_negative
+            ),
+        )
+        for key, raw in values
+    ]
+    assert fast == slow
