@@ -582,6 +582,14 @@ class Database:
 
         return self.call(run)
 
+    def remember(self, table: TableName, pairs: Sequence[tuple[int, str]]) -> None:
+        """Record that Redis now holds these values, as if balsync had written them.
+
+        `restore` calls it for the keys it put back: their next change in Redis is then an
+        ordinary update, not a conflict with an outside write balsync never saw.
+        """
+        self.call(lambda conn: _remember(conn, table, pairs))
+
     def redis_baseline(self, table: TableName) -> str | None:
         """The Redis run_id the last finished run trusted, or None before any."""
         row = self.call(
@@ -1178,16 +1186,24 @@ def _merge(
         {"key": key},
     ).fetchone()
     assert row is not None
-    accepted = [(c.telegram_id, c.db_value) for c in conflicts if c.resolution == "db"]
-    if accepted:
-        # The database won: its value becomes what balsync remembers as written.
+    # The database won: its value becomes what balsync remembers as written.
+    _remember(
+        conn, target.table, [(c.telegram_id, c.db_value) for c in conflicts if c.resolution == "db"]
+    )
+    return BatchCounts(int(row[1]), int(row[0]), unknown, conflicts)
+
+
+def _remember(
+    conn: Connection, table: TableName, pairs: Sequence[tuple[int, Decimal | str]]
+) -> None:
+    """Record values as what balsync last wrote (or saw agree) for these ids."""
+    if pairs:
         conn.execute(
             """INSERT INTO balsync.written (target_table, telegram_id, balance)
                SELECT %s, i, b FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b)
                ON CONFLICT (target_table, telegram_id) DO UPDATE SET balance = EXCLUDED.balance""",
-            (key, [i for i, _ in accepted], [b for _, b in accepted]),
+            (str(table), [i for i, _ in pairs], [str(b) for _, b in pairs]),
         )
-    return BatchCounts(int(row[1]), int(row[0]), unknown, conflicts)
 
 
 def _conflicts(conn: Connection, policy: MergePolicy) -> list[Conflict]:

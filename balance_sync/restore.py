@@ -105,8 +105,11 @@ def run_restore(settings: Settings, options: RestoreOptions) -> RestoreResult:
         with contextlib.closing(
             db.stream_balances(target, options.ids, options.batch_size)
         ) as batches:
+            memory = control if lock_held and control.schema_present() else None
             for rows in batches:
-                _restore_batch(settings, redis, lock_held, rows, result)
+                restored = _restore_batch(settings, redis, lock_held, rows, result)
+                if memory is not None:
+                    memory.remember(target.table, restored)
         if options.ids is not None:
             result.not_found = max(0, len(options.ids) - result.total)
         result.status = "partial" if result.invalid else "success"
@@ -132,10 +135,14 @@ def _restore_batch(
     lock: RunLock | None,
     rows: list[tuple[int, str | None]],
     result: RestoreResult,
-) -> None:
-    """SET NX one batch of rows (a dry run, `lock` None, only asks which keys exist)."""
+) -> list[tuple[int, str]]:
+    """SET NX one batch of rows (a dry run, `lock` None, only asks which keys exist).
+
+    Returns the (id, balance) of each key it set.
+    """
     prefix = settings.key_prefix.encode()
     items: list[tuple[bytes, bytes]] = []
+    sources: list[tuple[int, str]] = []
     for telegram_id, balance in rows:
         result.total += 1
         key = prefix + b"%d" % telegram_id
@@ -148,12 +155,16 @@ def _restore_batch(
             log.warning("not restored %s: %s (%r)", key.decode(), value, balance)
             continue
         items.append((key, value))
+        sources.append((telegram_id, str(balance)))
+    restored: list[tuple[int, str]] = []
     if lock is None:
         present = redis.existing([key for key, _ in items])
         missing = present.count(False)
     else:
         lock.holder_pid()  # raises LockLost if another run took the table meanwhile
-        missing = redis.set_missing(items).count(True)
+        done = redis.set_missing(items)
+        restored = [source for source, was_set in zip(sources, done, strict=True) if was_set]
+        missing = len(restored)
     result.restored += missing
     result.already_present += len(items) - missing
     log.debug(
@@ -162,3 +173,4 @@ def _restore_batch(
         result.restored,
         result.already_present,
     )
+    return restored

@@ -21,11 +21,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
+import psycopg
+
 from bench.harness import BALSYNC, Bench, Config
 from bench.scratch import Scratch
 
 Profiler = Literal["pyinstrument", "cprofile"]
 SYNC_ARGS = ["sync", "--force", "--json", "--quiet"]
+STATEMENT_WIDTH = 160
 
 
 @contextlib.contextmanager
@@ -135,6 +138,57 @@ def _with_cprofile(top: int) -> tuple[int, str, float, str]:
     return code, stdout, elapsed, text.getvalue()
 
 
+class StatementTimes:
+    """Wall time of every SQL statement balsync sends, summed by statement, all threads.
+
+    A sampling profiler shows only that a writer waits in `Connection.execute`; this says on
+    which statement. `psycopg.Connection.execute` is wrapped for the duration of the run.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}  # statement -> [seconds, calls]
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Time every `Connection.execute` while inside."""
+        original = psycopg.Connection.execute
+        times = self
+
+        def execute(conn: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(conn, query, *args, **kwargs)
+            finally:
+                times.add(conn, query, time.perf_counter() - started)
+
+        psycopg.Connection.execute = execute  # type: ignore[method-assign,assignment]
+        try:
+            yield
+        finally:
+            psycopg.Connection.execute = original  # type: ignore[method-assign]
+
+    def add(self, conn: Any, query: Any, seconds: float) -> None:
+        """Count one statement."""
+        try:
+            text = query if isinstance(query, str) else query.as_string(conn)
+        except (psycopg.Error, AttributeError, TypeError):
+            text = repr(query)
+        key = " ".join(str(text).split())[:STATEMENT_WIDTH]
+        with self._lock:
+            total = self.totals.setdefault(key, [0.0, 0])
+            total[0] += seconds
+            total[1] += 1
+
+    def render(self, top: int) -> str:
+        """The statements by total time, the costliest first."""
+        rows = sorted(self.totals.items(), key=lambda item: -item[1][0])[:top]
+        lines = ["## SQL statements by total wall time (both writers add up)", ""]
+        lines += ["| seconds | calls | statement |", "|---|---|---|"]
+        lines += [f"| {t:.2f} | {int(c)} | `{q}` |" for q, (t, c) in rows]
+        return "\n".join(lines) + "\n"
+
+
 def profile_scenario(
     config: Config,
     scenario: str,
@@ -151,7 +205,8 @@ def profile_scenario(
         bench.start_round(scenario, [BALSYNC])
         scratch.settle()
         progress(f"profiling one sync with {profiler}")
-        with _environment(bench.env):
+        statements = StatementTimes()
+        with _environment(bench.env), statements.recording():
             run = _with_pyinstrument if profiler == "pyinstrument" else _with_cprofile
             code, stdout, elapsed, text = run(top)
         bench.check("balsync (profiled)", scenario, *_counts(stdout))
@@ -161,7 +216,7 @@ def profile_scenario(
         f"exit code {code}, {elapsed:.2f} s under {profiler}; result: {stdout}",
     ]
     head += [f"ANOMALY: {line}" for line in bench.results.anomalies]
-    return "\n".join(head) + "\n\n" + text
+    return "\n".join(head) + "\n\n" + statements.render(top) + "\n" + text
 
 
 def _counts(stdout: str) -> tuple[int, int, int]:

@@ -127,6 +127,7 @@ def test_profile_mode_shows_every_thread_of_one_sync(servers):
     assert "## thread balsync-reader" in text
     assert '"updated": 10' in text
     assert "ANOMALY" not in text
+    assert "| seconds | calls | statement |" in text
 
 
 def test_bench_refuses_a_meaningless_n(capsys):

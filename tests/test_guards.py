@@ -97,20 +97,6 @@ def test_on_conflict_db_writes_cents_in_cents(initialized, rds, key_prefix, pg):
     assert rds.get(f"{key_prefix}1") == b"205"
 
 
-def test_row_changed_in_postgres_to_the_redis_value_is_no_conflict_later(
-    synced, rds, key_prefix, pg
-):
-    """After an outside write that matches Redis, balsync's memory follows, so the next
-    change in Redis is an ordinary update (the restore-after-outage path)."""
-    pg.execute("UPDATE user_balances SET balance = 7 WHERE telegram_id = 1")
-    rds.set(f"{key_prefix}1", "7")
-    assert sync_json(synced)[0] == 0
-    rds.set(f"{key_prefix}1", "8")
-    code, data = sync_json(synced)
-    assert (code, data["updated"]) == (0, 1)
-    assert balances(pg)[1] == "8.00"
-
-
 def test_rows_never_written_by_balsync_are_updated(initialized, rds, key_prefix, pg):
     """Rows that predate balsync carry no memory: they are updated, not conflicts."""
     initialized.ok("sync", "--force", "--quiet")  # creates nothing, but records a run
@@ -224,3 +210,29 @@ def test_written_memory_is_kept_in_balsync_schema(synced, database_url):
     with psycopg.connect(database_url) as conn:
         count = conn.execute("SELECT count(*) FROM balsync.written").fetchone()
     assert count == (5,)
+
+
+def test_restored_keys_are_no_conflict_later(synced, rds, key_prefix, pg):
+    """The outage path: the application wrote PostgreSQL directly, Redis lost the key,
+    `balsync restore` put PostgreSQL's value back; the next change in Redis is an update."""
+    pg.execute("UPDATE user_balances SET balance = 70 WHERE telegram_id = 1")
+    rds.delete(f"{key_prefix}1")
+    restored = json.loads(synced.ok("restore", "--json").stdout)
+    assert restored["restored"] == 1
+    assert rds.get(f"{key_prefix}1") == b"70.00"
+    rds.set(f"{key_prefix}1", "75")
+    code, data = sync_json(synced)
+    assert (code, data["updated"], data["skipped"]) == (0, 1, 0)
+    assert balances(pg)[1] == "75.00"
+
+
+def test_an_outside_write_that_matches_redis_is_still_a_conflict_later(synced, rds, key_prefix, pg):
+    """balsync's memory follows only what it writes or restores: an outside write that
+    happens to equal Redis leaves the row marked as changed behind its back (conservative)."""
+    pg.execute("UPDATE user_balances SET balance = 7 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "7")
+    assert sync_json(synced)[0] == 0
+    rds.set(f"{key_prefix}1", "8")
+    code, data = sync_json(synced)
+    assert (code, data["skipped"]) == (1, 1)
+    assert balances(pg)[1] == "7.00"
