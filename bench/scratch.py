@@ -231,9 +231,13 @@ class Scratch:
         Every table, because balsync's own bookkeeping tables churn too.
         """
         with psycopg.connect(self.database_url, autocommit=True) as conn:
+            # Not temporary tables: those of a connection that just closed vanish while we
+            # list them (its backend drops them on its way out).
             tables = conn.execute(
-                """SELECT schemaname, tablename FROM pg_tables
-                   WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"""
+                """SELECT n.nspname, c.relname FROM pg_class c
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+                     AND n.nspname NOT IN ('pg_catalog', 'information_schema')"""
             ).fetchall()
             if tables:
                 names = sql.SQL(", ").join(sql.Identifier(s, t) for s, t in tables)

@@ -126,6 +126,7 @@ def key_prefix(servers: Servers) -> Iterator[str]:
     yield namespace + "balance:"
     client = redis.Redis.from_url(servers.redis)
     keys = list(client.scan_iter(match=namespace + "*", count=1000))
+    keys += list(client.scan_iter(match="{balsync:dirty:" + namespace + "*", count=1000))
     for start in range(0, len(keys), 500):
         client.delete(*keys[start : start + 500])
     client.close()
