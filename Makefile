@@ -35,7 +35,7 @@ demo-stop: ## stop the demo's servers
 	@$(BIN)/python -m tests.devservers stop $(DEMO)
 
 test: install ## run the test suite (real servers: BALSYNC_TEST_* URLs, else embedded ones)
-	$(BIN)/pytest -m "not faults" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not faults" --durations=15 $(PYTEST_ARGS)
 
 test-faults: install ## run the fault-injection suite alone (starts its own servers)
 	$(BIN)/pytest -m faults $(PYTEST_ARGS)

