@@ -30,6 +30,19 @@ from balance_sync.cli import cli
 from tests.devservers import PostgresServer, ValkeyServer
 
 RUN = uuid.uuid4().hex[:8]
+# SPEC's `sync --json` object: exactly these keys.
+SYNC_JSON_KEYS = {
+    "status",
+    "dry_run",
+    "processed",
+    "inserted",
+    "updated",
+    "unchanged",
+    "skipped",
+    "invalid",
+    "duration_s",
+    "run_id",
+}
 _counter = itertools.count()
 
 

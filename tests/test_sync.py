@@ -24,21 +24,9 @@ import balance_sync
 from balance_sync.pg_store import Database, RunLock
 from balance_sync.settings import TableName, resolve_settings
 from balance_sync.validation import InvalidRecord
-from tests.conftest import Balsync
+from tests.conftest import SYNC_JSON_KEYS, Balsync
 
 PG = psycopg.Connection[tuple[object, ...]]
-SYNC_FIELDS = {
-    "status",
-    "dry_run",
-    "processed",
-    "inserted",
-    "updated",
-    "unchanged",
-    "skipped",
-    "invalid",
-    "duration_s",
-    "run_id",
-}
 COUNTERS = ("processed", "inserted", "updated", "unchanged", "skipped", "invalid")
 OLD = datetime.fromisoformat("2001-02-03T04:05:06+00:00")
 MAX_ID = 9223372036854775807
@@ -56,7 +44,7 @@ LEDGER = """CREATE TABLE ledger.balances (
 
 def check_invariants(data: Mapping[str, object]) -> None:
     """SPEC's JSON object: its fields, and processed = inserted+updated+unchanged+skipped."""
-    assert set(data) == SYNC_FIELDS
+    assert set(data) == SYNC_JSON_KEYS
     counts = {name: data[name] for name in COUNTERS}
     assert all(isinstance(v, int) and v >= 0 for v in counts.values()), counts
     assert counts["processed"] == (
