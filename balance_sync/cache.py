@@ -16,6 +16,7 @@ from typing import Literal
 
 from balance_sync.pg_store import Database, RunLock, TargetTable
 from balance_sync.redis_store import SCAN_COUNT, RedisStore
+from balance_sync.session import table_session
 from balance_sync.settings import Settings
 from balance_sync.validation import parse_balance, parse_id
 
@@ -85,21 +86,14 @@ def clear_cache(settings: Settings, options: ClearOptions) -> ClearResult:
     Returns status `skipped` when another run holds the table's lock. A dry run takes no
     lock, deletes nothing, and estimates the memory it would free with MEMORY USAGE.
     """
-    redis = RedisStore(settings.redis_url, settings.retry_timeout)
-    control = Database(settings.database_url, settings.retry_timeout)
-    db = Database(settings.database_url, settings.retry_timeout)
-    lock = RunLock(control, settings.table)
     result = ClearResult(status="success", dry_run=options.dry_run)
-    try:
-        redis.ping()
-        target = db.describe_target(settings)
-        if not options.dry_run and not lock.acquire(0):
-            result.status, result.reason = "skipped", "another run holds the lock"
+    with table_session(settings, take_lock=not options.dry_run) as session:
+        if session.skip_reason:
+            result.status, result.reason = "skipped", session.skip_reason
             log.info("clear-cache skipped: %s on %s", result.reason, settings.table)
             return result
-        clearing = _Clearing(
-            settings, options, redis, db, target, None if options.dry_run else lock
-        )
+        redis = session.redis
+        clearing = _Clearing(settings, options, redis, session.db, session.target, session.lock)
         before = None if options.dry_run else redis.used_memory()
         if options.dry_run:
             result.memory_freed_bytes = 0  # summed page by page; None once unknown
@@ -126,10 +120,6 @@ def clear_cache(settings: Settings, options: ClearOptions) -> ClearResult:
             {reason: n for reason, n in result.kept_by_reason.items() if n},
         )
         return result
-    finally:
-        lock.release()
-        for closable in (control, db, redis):
-            closable.close()
 
 
 @dataclass

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from balance_sync.errors import ConfigError
-from balance_sync.pg_store import Database, RunLock
+from balance_sync.pg_store import RunLock
 from balance_sync.redis_store import RedisStore
+from balance_sync.session import table_session
 from balance_sync.settings import Settings
 from balance_sync.validation import parse_id, redis_value
 
@@ -88,26 +89,20 @@ def run_restore(settings: Settings, options: RestoreOptions) -> RestoreResult:
     rows could not be written exactly. A dry run takes no lock and writes nothing: it
     counts the keys that are missing. Negative balances are restored as they stand.
     """
-    redis = RedisStore(settings.redis_url, settings.retry_timeout)
-    control = Database(settings.database_url, settings.retry_timeout)
-    db = Database(settings.database_url, settings.retry_timeout)
-    lock = RunLock(control, settings.table)
     result = RestoreResult(status="success", dry_run=options.dry_run)
-    try:
-        redis.ping()
-        target = db.describe_target(settings)
-        if not options.dry_run and not lock.acquire(0):
-            result.status, result.reason = "skipped", "another run holds the lock"
+    with table_session(settings, take_lock=not options.dry_run) as session:
+        if session.skip_reason:
+            result.status, result.reason = "skipped", session.skip_reason
             log.info("restore skipped: %s on %s", result.reason, settings.table)
             return result
-        lock_held = None if options.dry_run else lock
+        lock, control, target = session.lock, session.control, session.target
         # Closed before its connection is, even when Redis fails mid-way.
         with contextlib.closing(
-            db.stream_balances(target, options.ids, options.batch_size)
+            session.db.stream_balances(target, options.ids, options.batch_size)
         ) as batches:
-            memory = control if lock_held and control.schema_present() else None
+            memory = control if lock and control.schema_present() else None
             for rows in batches:
-                restored = _restore_batch(settings, redis, lock_held, rows, result)
+                restored = _restore_batch(settings, session.redis, lock, rows, result)
                 if memory is not None:
                     memory.remember(target.table, restored)
         if options.ids is not None:
@@ -123,10 +118,6 @@ def run_restore(settings: Settings, options: RestoreOptions) -> RestoreResult:
             result.invalid,
         )
         return result
-    finally:
-        lock.release()
-        for closable in (control, db, redis):
-            closable.close()
 
 
 def _restore_batch(
