@@ -38,6 +38,25 @@ def parser() -> argparse.ArgumentParser:
         help="rows the per-row loop runs on before extrapolating to N (default 10000)",
     )
     p.add_argument(
+        "--no-incremental",
+        action="store_true",
+        help="skip the incremental-sync measurement (it seeds K keys of its own, first)",
+    )
+    p.add_argument(
+        "--incremental-keys",
+        type=int,
+        metavar="K",
+        help="keys synced before C of them change, for `sync --incremental` "
+        "(default 5N: 5000000 at the default N)",
+    )
+    p.add_argument(
+        "--incremental-changed",
+        type=int,
+        metavar="C",
+        help="ids changed through balance_sync.writer among the K keys; also the keys of the "
+        "full sync it is compared with (at most K; default N/100: 10000 at the default N)",
+    )
+    p.add_argument(
         "--database-url",
         default=os.environ.get("BALSYNC_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL),
         help="admin URL of the PostgreSQL server (env BALSYNC_BENCH_DATABASE_URL)",
@@ -74,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.n < 100 or args.repeat < 1 or args.naive_rows < 1:
         sys.exit("python -m bench: --n must be ≥ 100, --repeat and --naive-rows ≥ 1")
+    keys, changed = args.incremental_keys, args.incremental_changed
+    if (keys is not None and keys < 1) or (changed is not None and changed < 1):
+        sys.exit("python -m bench: --incremental-keys and --incremental-changed must be ≥ 1")
     argv_text = shlex.join(sys.argv[1:] if argv is None else argv)
     config = Config(
         admin_url=args.database_url,
@@ -84,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         naive_rows=args.naive_rows,
         seed=args.seed,
         checkpoint=not args.no_checkpoint,
+        incremental=not args.no_incremental,
+        incremental_keys=keys,
+        incremental_changed=changed,
         results_path=None if str(args.results) == "-" else args.results,
         command=(
             f"python -m bench {argv_text}  (PostgreSQL {mask_url(args.database_url)}, "

@@ -22,6 +22,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 SYNC_COMMAND = (sys.executable, "-m", "balance_sync", "sync", "--force", "--json", "--quiet")
+# --force would scan every key; --min-interval 0 only lifts the gate that a sync finished
+# moments ago (the untimed full sync before it) would otherwise close.
+INCREMENTAL_COMMAND = (
+    sys.executable,
+    "-m",
+    "balance_sync",
+    "sync",
+    "--incremental",
+    "--min-interval",
+    "0",
+    "--json",
+    "--quiet",
+)
 STARTUP_COMMAND = (sys.executable, "-m", "balance_sync", "--version")
 
 
@@ -82,3 +95,8 @@ def run_process(command: Sequence[str], env: Mapping[str, str]) -> ProcessRun:
 def run_sync(env: Mapping[str, str]) -> ProcessRun:
     """`python -m balance_sync sync --force --json --quiet`, as cron would start it."""
     return run_process(SYNC_COMMAND, env)
+
+
+def run_incremental_sync(env: Mapping[str, str]) -> ProcessRun:
+    """`python -m balance_sync sync --incremental --min-interval 0 --json --quiet`."""
+    return run_process(INCREMENTAL_COMMAND, env)

@@ -17,6 +17,7 @@ TARGET_NAIVE_RATIO = 100.0  # balsync at least 100 times faster than the per-row
 TARGET_READ_RATIO = 1.5  # nothing / 1 % changed: "little more than reading Redis"
 TARGET_RSS_MB = 150.0
 TARGET_RSS_GROWTH = 1.2  # peak RSS at 5N at most 1.2 times N's
+TARGET_INCREMENTAL_RATIO = 2.0  # 10 000 changed of 5 000 000 keys: ≤ twice a full sync of 10 000
 
 
 @dataclass

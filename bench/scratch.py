@@ -24,10 +24,14 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import redis
 from psycopg import sql
+
+from balance_sync.redis_store import dirty_keys
+from balance_sync.writer import BalanceWriter
 
 log = logging.getLogger("bench")
 
@@ -35,6 +39,7 @@ BASE_ID = 5_000_000_000  # telegram ids of today's users are about this large
 MSET_PAIRS = 1_000  # pairs per MSET
 PIPELINE_DEPTH = 100  # MSETs per round trip: 100 000 keys
 DELETE_CHUNK = 10_000
+TRACKED_PIPELINE_DEPTH = 1_000  # tracked writes per round trip
 BALSYNC_TABLE = "user_balances"
 FLOOR_SCHEMA = "bench"
 _TABLE_DDL = """CREATE TABLE {} (
@@ -55,6 +60,36 @@ def with_database(url: str, dbname: str) -> str:
     params = psycopg.conninfo.conninfo_to_dict(url)
     params["dbname"] = dbname
     return psycopg.conninfo.make_conninfo(**{k: str(v) for k, v in params.items()})
+
+
+def emptiest_database(url: str) -> tuple[str, int, int]:
+    """(URL, number, keys) of the Redis server's emptiest database; the URL's own on a tie.
+
+    A full sync SCANs every key of its database, not only its prefix's: on a shared server
+    a sync of 10 000 keys would otherwise wade through whatever else lives there.
+    """
+    client = redis.Redis.from_url(url)
+    try:
+        own = int(client.connection_pool.connection_kwargs.get("db") or 0)
+        sizes = {int(name[2:]): int(db["keys"]) for name, db in client.info("keyspace").items()}
+        try:
+            configured = client.config_get("databases").get("databases")
+        except redis.ResponseError:  # CONFIG renamed or forbidden (managed servers)
+            configured = None
+    finally:
+        client.close()
+    count = int(configured) if configured else own + 1
+    best = min(range(count), key=lambda db: (sizes.get(db, 0), db != own))
+    return (url if best == own else with_redis_db(url, best)), best, sizes.get(best, 0)
+
+
+def with_redis_db(url: str, db: int) -> str:
+    """The same Redis server URL, database `db` (a path for TCP, `?db=` for a socket)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "db"]
+    if parts.scheme == "unix":  # urlunsplit would drop the empty host: unix:/path
+        return f"{url.partition('?')[0]}?{urlencode([*query, ('db', str(db))])}"
+    return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
 
 
 def _chunks(items: Iterable[int], size: int) -> Iterator[list[int]]:
@@ -172,6 +207,8 @@ class Scratch:
                 pending = []
         if pending:
             self.client.unlink(*pending)
+        # The change-tracking set and claim are named after the prefix but outside it.
+        self.client.unlink(*dirty_keys(self.prefix))
 
     # -- Redis side ---------------------------------------------------------------------
 
@@ -203,6 +240,22 @@ class Scratch:
         self.generation += 1
         chosen = rng.sample(range(self.keys), max(1, int(self.keys * share)))
         self._write(chosen)
+        return len(chosen)
+
+    def change_tracked(self, count: int, rng: random.Random) -> int:
+        """Give `count` random keys a new value as an application with change tracking
+        does: through `BalanceWriter`, each SET and its dirty mark one atomic script.
+
+        Pipelined, which only saves round trips: each script still runs whole. How many.
+        """
+        self.generation += 1
+        chosen = rng.sample(range(self.keys), min(count, self.keys))
+        pipe = self.client.pipeline(transaction=False)
+        writer = BalanceWriter(pipe, prefix=self.prefix)
+        for chunk in _chunks(chosen, TRACKED_PIPELINE_DEPTH):
+            for i in chunk:
+                writer.set(BASE_ID + i, balance(i, self.generation).decode())
+            pipe.execute()
         return len(chosen)
 
     # -- PostgreSQL side ----------------------------------------------------------------

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import random
 import sys
 
 import psycopg
 import pytest
 import redis
 
+from balance_sync.redis_store import dirty_keys
 from bench import floor
 from bench.cli import main as bench_main
-from bench.harness import SCENARIOS, Config, run_bench
+from bench.harness import SCENARIOS, Config, Results, render, run_bench
 from bench.process import run_process
 from bench.profiling import profile_scenario
-from bench.scratch import Scratch
+from bench.report import Machine
+from bench.scratch import BASE_ID, Scratch, with_redis_db
 from tests.conftest import Servers
 
 
@@ -23,17 +26,20 @@ def _database_exists(servers: Servers, dbname: str) -> bool:
     return row is not None
 
 
-def _keys_left(servers: Servers, prefix: str) -> list[bytes]:
-    client = redis.Redis.from_url(servers.redis)
+def _keys_left(redis_url: str, prefix: str) -> list[bytes]:
+    """The scratch keys of `prefix` still in Redis, its change-tracking set and claim too."""
+    client = redis.Redis.from_url(redis_url)
     try:
-        return list(client.scan_iter(match=prefix.removesuffix("balance:") + "*", count=1000))
+        left = list(client.scan_iter(match=prefix.removesuffix("balance:") + "*", count=1000))
+        return left + [key.encode() for key in dirty_keys(prefix) if client.exists(key)]
     finally:
         client.close()
 
 
 @pytest.mark.slow
 def test_bench_measures_every_scenario_and_leaves_nothing_behind(servers, tmp_path):
-    """Every scenario, floor and RSS line is measured at N=2000, and the scratch data is gone."""
+    """Every scenario, floor, RSS and incremental line is measured at N=2000 (incremental: 100
+    changed among 2000 keys), and the scratch data is gone."""
     results_file = tmp_path / "results.md"
     config = Config(
         admin_url=servers.postgres_admin,
@@ -45,6 +51,8 @@ def test_bench_measures_every_scenario_and_leaves_nothing_behind(servers, tmp_pa
         results_path=results_file,
         command="pytest",
         checkpoint=False,  # seconds on a busy shared server; one statement, not worth them here
+        incremental_keys=2000,
+        incremental_changed=100,
     )
     results, text = run_bench(config)
     assert results.anomalies == []
@@ -59,29 +67,77 @@ def test_bench_measures_every_scenario_and_leaves_nothing_behind(servers, tmp_pa
         assert 10 < scenario.rss_mb.median < 1000
     assert set(results.rss_5n) == {"first", "none"}
     assert results.read_only.median > 0
+    incremental = results.incremental
+    assert incremental is not None
+    assert (incremental.keys, incremental.changed) == (2000, 100)
+    assert incremental.incremental.median > 0
+    assert incremental.full.median > 0
+    assert "- incremental: 100 changed among 2 000 keys: " in text
+    assert "; full sync of 100 keys: " in text
+    assert "target ≤ 2×" in text
+    assert "- incremental sync, 100 changed among 2 000 keys: " in text
+    assert "### Anomalies" not in text
     written = results_file.read_text()
     assert "- N: 2 000 keys" in written
     assert "| scenario | balsync median (min–max) | floor end-to-end |" in written
     assert "command: `pytest`" in written
     assert text in written
     assert not _database_exists(servers, results.dbname)
-    assert _keys_left(servers, results.prefix) == []
+    assert _keys_left(servers.redis, results.prefix) == []
+    assert len(incremental.scratches) == 2
+    for prefix, dbname in incremental.scratches:
+        assert not _database_exists(servers, dbname)
+        assert _keys_left(incremental.redis_url, prefix) == []
+
+
+def test_results_say_when_the_incremental_part_was_skipped():
+    """With --no-incremental (Config.incremental=False) the results say it was not measured."""
+    config = Config(admin_url="", redis_url="", incremental=False)
+    text = render(Results(config, Machine.here("7.0", "15")))
+    assert "- incremental: not measured (`--no-incremental`)" in text
+    assert "- incremental sync," not in text
+
+
+def test_redis_database_is_swapped_in_every_url_form():
+    """The incremental part may move to another database: a path for TCP, ?db= for a socket."""
+    assert with_redis_db("redis://:p%40ss@h:1/0?socket_timeout=3", 4) == (
+        "redis://:p%40ss@h:1/4?socket_timeout=3"
+    )
+    assert with_redis_db("rediss://h", 7) == "rediss://h/7"
+    assert with_redis_db("unix:///run/redis.sock?db=2", 3) == "unix:///run/redis.sock?db=3"
+
+
+def test_tracked_changes_mark_exactly_the_changed_ids(servers):
+    """change_tracked writes through BalanceWriter: new values, and exactly those ids marked."""
+    with Scratch(servers.postgres_admin, servers.redis) as scratch:
+        scratch.seed(500)
+        keys = [scratch.key(i) for i in range(500)]
+        before = scratch.client.mget(keys)
+        assert scratch.change_tracked(50, random.Random(3)) == 50
+        after = scratch.client.mget(keys)
+        changed = {BASE_ID + i for i in range(500) if before[i] != after[i]}
+        marked = scratch.client.smembers(dirty_keys(scratch.prefix)[0])
+        assert len(changed) == 50
+        assert {int(m) for m in marked} == changed
 
 
 def test_scratch_is_removed_when_interrupted(servers):
-    """Ctrl-C inside a run still deletes the scratch keys and drops the scratch database."""
+    """Ctrl-C inside a run still deletes the scratch keys, its change-tracking set, and drops
+    the scratch database."""
     scratch = Scratch(servers.postgres_admin, servers.redis)
 
     def interrupted_run() -> None:
         with scratch:
             scratch.seed(300)
+            scratch.change_tracked(10, random.Random(1))
+            assert scratch.client.exists(dirty_keys(scratch.prefix)[0])
             assert _database_exists(servers, scratch.dbname)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         interrupted_run()
     assert not _database_exists(servers, scratch.dbname)
-    assert _keys_left(servers, scratch.prefix) == []
+    assert _keys_left(servers.redis, scratch.prefix) == []
 
 
 def test_peak_rss_is_that_of_each_process_alone():
@@ -135,3 +191,10 @@ def test_bench_refuses_a_meaningless_n(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_main(["--n", "5"])
     assert "--n must be ≥ 100" in str(exit_info.value.code)
+
+
+def test_bench_refuses_an_empty_incremental_keyspace():
+    """`--incremental-changed 0` stops with a usage message before touching any server."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(["--n", "1000", "--incremental-changed", "0"])
+    assert "--incremental-changed must be ≥ 1" in str(exit_info.value.code)
