@@ -284,6 +284,8 @@ class RedisStore:
         return list(values), (int(next_cursor), list(next_keys))
 
     def _page(self, keys: list[bytes], values: list[bytes | None]) -> Page:
+        if None not in values:  # the common page: every key a string, none deleted meanwhile
+            return Page(values=list(zip(keys, cast(list[bytes], values), strict=True)))
         page = Page()
         missing: list[bytes] = []
         for key, value in zip(keys, values, strict=True):

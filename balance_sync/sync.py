@@ -27,7 +27,13 @@ from balance_sync.pg_store import (
 )
 from balance_sync.redis_store import RedisStore
 from balance_sync.settings import Settings
-from balance_sync.validation import InvalidRecord, ValidRecord, redis_value, validate_page
+from balance_sync.validation import (
+    InvalidRecord,
+    ValidRecord,
+    common_page,
+    redis_value,
+    validate_page,
+)
 
 log = logging.getLogger(__name__)
 
@@ -282,45 +288,97 @@ def _read_batches(
     """
     prefix_length = len(settings.key_prefix.encode())
     narrow = column.integer_digits is not None or column.scale < 2
-    number = 1
-    batch = _Batch(number)
-    seen: set[bytes] = set()  # SCAN may return a key twice; a batch must not hold it twice
+    # Pages of common records take a path with no per-record Python; `raw` is kept per
+    # record only for --on-conflict db, and narrow columns check every value.
+    bulk = settings.value_format == "decimal" and not narrow and options.on_conflict != "db"
+    batcher = _Batcher(options.batch_size, keep_raw=options.on_conflict == "db")
     if options.incremental and not options.force:
         pages = redis.dirty_pages(settings.key_prefix, include_unclaimed=options.dry_run)
     else:
         pages = redis.scan_pages(settings.key_prefix)
     for page in pages:
         for key, kind in page.wrong_type:
-            batch.keys += 1
-            batch.invalid.append(InvalidRecord(key, None, f"key holds a {kind}, not a string"))
+            batcher.batch.keys += 1
+            batcher.batch.invalid.append(
+                InvalidRecord(key, None, f"key holds a {kind}, not a string")
+            )
+        records = common_page(page.values, prefix_length) if bulk else None
+        if records is not None and batcher.all_new(records):
+            yield from batcher.add_common(records)
+            continue
         for key, raw, checked in validate_page(
             page.values,
             prefix_length,
             value_format=settings.value_format,
             allow_negative=options.allow_negative,
         ):
-            if key in seen:
-                continue
-            seen.add(key)
-            batch.keys += 1
+            problem = None
             if narrow and not isinstance(checked, InvalidRecord):
                 problem = column.problem(checked[1])
-                if problem:  # valid by SPEC's rules, so skipped but not counted invalid
-                    batch.unfit.append(InvalidRecord(key, raw, problem))
-                    continue
-            if isinstance(checked, InvalidRecord):
-                batch.invalid.append(checked)
-                continue
+            yield from batcher.add(key[prefix_length:], key, raw, checked, problem)
+    if batcher.batch.keys:
+        yield batcher.batch
+
+
+@dataclass
+class _Batcher:
+    """Groups records into batches of `size` valid records, each id at most once a batch.
+
+    SCAN may return a key twice. Ids stand for keys: every key has the same prefix.
+    """
+
+    size: int
+    keep_raw: bool
+    batch: _Batch = field(default_factory=lambda: _Batch(1))
+    seen: set[bytes] = field(default_factory=set)
+
+    def _full(self) -> _Batch:
+        done = self.batch
+        self.batch = _Batch(done.number + 1)
+        self.seen = set()
+        return done
+
+    def all_new(self, records: list[ValidRecord]) -> bool:
+        """True if no id of `records` repeats, in them or in the batch being filled."""
+        ids = [record[0] for record in records]
+        return len(set(ids)) == len(ids) and self.seen.isdisjoint(ids)
+
+    def add_common(self, records: list[ValidRecord]) -> Iterator[_Batch]:
+        """Add valid records, all new (`all_new`); yield each batch they fill."""
+        start = 0
+        while start < len(records):
+            chunk = records[start : start + self.size - len(self.batch.records)]
+            start += len(chunk)
+            self.batch.records += chunk
+            self.batch.keys += len(chunk)
+            self.seen.update(record[0] for record in chunk)
+            if len(self.batch.records) >= self.size:
+                yield self._full()
+
+    def add(
+        self,
+        suffix: bytes,
+        key: bytes,
+        raw: bytes,
+        checked: ValidRecord | InvalidRecord,
+        unfit: str | None,
+    ) -> Iterator[_Batch]:
+        """Add one record as `validate` judged it; `unfit`: why the column cannot hold it."""
+        if suffix in self.seen:
+            return
+        self.seen.add(suffix)
+        batch = self.batch
+        batch.keys += 1
+        if unfit:  # valid by SPEC's rules, so skipped but not counted invalid
+            batch.unfit.append(InvalidRecord(key, raw, unfit))
+        elif isinstance(checked, InvalidRecord):
+            batch.invalid.append(checked)
+        else:
             batch.records.append(checked)
-            if options.on_conflict == "db":
+            if self.keep_raw:
                 batch.raw[int(checked[0])] = raw
-            if len(batch.records) >= options.batch_size:
-                yield batch
-                number += 1
-                batch = _Batch(number)
-                seen = set()
-    if batch.keys:
-        yield batch
+            if len(batch.records) >= self.size:
+                yield self._full()
 
 
 @dataclass

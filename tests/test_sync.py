@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -23,6 +24,7 @@ from psycopg import sql
 import balance_sync
 from balance_sync.pg_store import Database, RunLock
 from balance_sync.settings import TableName, resolve_settings
+from balance_sync.sync import _Batcher
 from balance_sync.validation import InvalidRecord
 from tests.conftest import SYNC_JSON_KEYS, Balsync
 
@@ -463,6 +465,35 @@ def test_non_utf8_keys_and_values_are_skipped_and_recorded(initialized, rds, key
 
 
 # -- batching ------------------------------------------------------------------------------
+
+
+def test_batches_of_common_records_are_cut_at_the_batch_size(initialized, rds, key_prefix, pg):
+    """Pages of valid records take the whole-page path; batches still hold 7 records each."""
+    seed(rds, key_prefix, {i: f"{i}.25" for i in range(1, 101)})
+    data, result = invoke_sync(initialized, "-v", "--batch-size", "7")
+    assert counts_of(data)["inserted"] == 100
+    assert {i: b for i, (b, _) in table_rows(pg).items()} == {i: f"{i}.25" for i in range(1, 101)}
+    sizes = [int(n) for n in re.findall(r"batch \d+: (\d+) keys", result.stderr)]
+    assert sorted(sizes) == [2] + [7] * 14  # two writers finish batches in any order
+
+
+def test_batcher_keeps_an_id_once_per_batch_across_pages():
+    """SCAN may return a key on two pages: the whole-page path defers to the per-record one."""
+    batcher = _Batcher(5, keep_raw=False)
+    first = [(b"%d" % i, b"1.00") for i in range(1, 4)]
+    assert batcher.all_new(first)
+    assert list(batcher.add_common(first)) == []
+    again = [(b"3", b"1.00"), (b"4", b"1.00")]
+    assert not batcher.all_new(again)  # 3 is in the batch being filled
+    assert not batcher.all_new([(b"9", b"1.00"), (b"9", b"1.00")])
+    done = []
+    for suffix, raw in again:
+        done += batcher.add(suffix, b"k" + suffix, raw, (suffix, raw), None)
+    assert [record[0] for record in batcher.batch.records] == [b"1", b"2", b"3", b"4"]
+    done += batcher.add_common([(b"5", b"1.00"), (b"6", b"1.00"), (b"3", b"2.00")])
+    assert [[r[0] for r in b.records] for b in done] == [[b"1", b"2", b"3", b"4", b"5"]]
+    # A new batch forgets the ids of the last one.
+    assert [r[0] for r in batcher.batch.records] == [b"6", b"3"]
 
 
 def test_batch_size_7_gives_the_same_result_as_one_batch(initialized, rds, key_prefix, pg):

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from balance_sync.validation import InvalidRecord, parse_balance, parse_id, validate, validate_page
+from balance_sync.validation import (
+    InvalidRecord,
+    common_page,
+    parse_balance,
+    parse_id,
+    validate,
+    validate_page,
+)
 
 PREFIX = b"balance:"
 MAX_ID = 2**63 - 1
@@ -426,3 +433,19 @@ def test_validate_page_agrees_with_validate(pairs, value_format, allow_negative)
         for key, raw in values
     ]
     assert fast == slow
+    # The whole-page path (decimal values only) answers only for a page that is all valid,
+    # and then the same.
+    whole = common_page(values, len(prefix)) if value_format == "decimal" else None
+    if whole is not None:
+        assert [(k, r, c) for (k, r), c in zip(values, whole, strict=True)] == slow
+
+
+def test_common_page_takes_a_page_of_common_records_whole():
+    """A page of plain ids and amounts comes back as records; one odd record refuses it."""
+    prefix = b"balance:"
+    page = [(prefix + b"%d" % (10**17 + i), b"%d.%02d" % (i, i % 100)) for i in range(500)]
+    assert common_page(page, len(prefix)) == [(key[len(prefix) :], raw) for key, raw in page]
+    for odd in (b"1.005", b" 1.00", b"-1.00", b"", b"1e3"):
+        assert common_page([*page, (prefix + b"7", odd)], len(prefix)) is None
+    assert common_page([*page, (prefix + b"07", b"1.00")], len(prefix)) is None
+    assert common_page([], len(prefix)) == []
