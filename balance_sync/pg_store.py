@@ -217,6 +217,9 @@ class MergePolicy:
 
     on_conflict: OnConflict = "skip"
     hold_updates: bool = False  # Redis restarted: insert new ids, overwrite nothing
+    # The table was empty when the run began (a first sync): a batch inserts its rows
+    # straight from staging, and only ids that turn out to exist are classified.
+    insert_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -505,6 +508,15 @@ class Database:
 
         self.call(run)
 
+    def is_empty(self, target: TargetTable) -> bool:
+        """True when the target table has no row at all (before a first sync)."""
+        row = self.call(
+            lambda conn: conn.execute(
+                sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(target.ident)
+            ).fetchone()
+        )
+        return bool(row and row[0])
+
     def last_success_age(self, table: TableName) -> float | None:
         """Seconds since the last run that finished (success or partial), or None."""
         row = self.call(
@@ -553,7 +565,10 @@ class Database:
                     done = _batch_done(conn, target, run_id, batch_no)
                     if done is not None:
                         return done
-                counts = _merge(conn, target, policy, dry_run=run_id is None)
+                if policy.insert_first and target.can_insert and run_id is not None:
+                    counts = _insert_first(conn, target, policy, len(records))
+                else:
+                    counts = _merge(conn, target, policy, dry_run=run_id is None)
                 if run_id is None:
                     return counts
                 conn.execute(
@@ -1098,6 +1113,49 @@ def _batch_done(
     return BatchCounts(int(done[0]), int(done[1]), unknown, conflicts)
 
 
+def _insert_first(
+    conn: Connection, target: TargetTable, policy: MergePolicy, staged: int
+) -> BatchCounts:
+    """Insert the staged batch into a table that was empty when the run began, with memory.
+
+    Skipping the classification saves a third of a first sync. An id that exists by now
+    (the application inserted it meanwhile, or SCAN returned it twice) is left alone here
+    and classified as usual afterwards.
+    """
+    columns, values = _touch_on_insert(target)
+    inserted = conn.execute(
+        sql.SQL(
+            """WITH ins AS (
+                   INSERT INTO {table} ({id}, {bal}{columns})
+                   SELECT s.id, s.balance{values} FROM pg_temp.balsync_stage s
+                   ON CONFLICT ({id}) DO NOTHING
+                   RETURNING {id} AS id, {bal} AS balance
+               )
+               INSERT INTO balsync.written (target_table, telegram_id, balance)
+               SELECT %s, id, balance FROM ins
+               ON CONFLICT (target_table, telegram_id) DO UPDATE SET balance = EXCLUDED.balance"""
+        ).format(
+            table=target.ident,
+            id=sql.Identifier(target.id_column),
+            bal=sql.Identifier(target.balance_column),
+            columns=columns,
+            values=values,
+        ),
+        (str(target.table),),
+    ).rowcount
+    if inserted == staged:
+        return BatchCounts(inserted, 0, [])
+    rest = _merge(conn, target, policy, dry_run=False)
+    return BatchCounts(inserted + rest.inserted, rest.updated, rest.unknown_ids, rest.conflicts)
+
+
+def _touch_on_insert(target: TargetTable) -> tuple[sql.Composable, sql.Composable]:
+    """The column list and values an INSERT adds for `updated_at`, if the table has one."""
+    if target.has_updated_at:
+        return sql.SQL(", updated_at"), sql.SQL(", now()")
+    return sql.SQL(""), sql.SQL("")
+
+
 def _merge(
     conn: Connection, target: TargetTable, policy: MergePolicy, *, dry_run: bool
 ) -> BatchCounts:
@@ -1157,11 +1215,7 @@ def _merge(
         assert row is not None
         return BatchCounts(int(row[0]), int(row[1]), unknown, conflicts)
     touch = sql.SQL(", updated_at = now()") if target.has_updated_at else sql.SQL("")
-    insert_touch = (
-        (sql.SQL(", updated_at"), sql.SQL(", now()"))
-        if target.has_updated_at
-        else (sql.SQL(""), sql.SQL(""))
-    )
+    insert_touch = _touch_on_insert(target)
     # `t.bal IS NOT DISTINCT FROM d.old` is checked again under the row lock: a row someone
     # changes between our look and our write is left alone and found as a conflict by the
     # next run. An id the application inserts meanwhile is left alone too (DO NOTHING).

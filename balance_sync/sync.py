@@ -12,7 +12,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from operator import itemgetter
 from typing import Literal
 
 from balance_sync.errors import BalsyncError, PostgresUnavailable
@@ -162,6 +163,7 @@ def run_sync(
             result.run_id = control.start_run(settings)
         try:
             policy, redis_id = _merge_policy(options, redis, control, settings)
+            policy = replace(policy, insert_first=not options.dry_run and control.is_empty(target))
             if not options.dry_run:
                 # Every run claims the ids marked dirty: a full scan covers them too.
                 claimed = redis.claim_dirty(settings.key_prefix)
@@ -303,8 +305,9 @@ def _read_batches(
                 InvalidRecord(key, None, f"key holds a {kind}, not a string")
             )
         records = common_page(page.values, prefix_length) if bulk else None
-        if records is not None and batcher.all_new(records):
-            yield from batcher.add_common(records)
+        filled = batcher.add_page(records) if records is not None else None
+        if filled is not None:
+            yield from filled
             continue
         for key, raw, checked in validate_page(
             page.values,
@@ -318,6 +321,9 @@ def _read_batches(
             yield from batcher.add(key[prefix_length:], key, raw, checked, problem)
     if batcher.batch.keys:
         yield batcher.batch
+
+
+_first = itemgetter(0)
 
 
 @dataclass
@@ -338,22 +344,28 @@ class _Batcher:
         self.seen = set()
         return done
 
-    def all_new(self, records: list[ValidRecord]) -> bool:
-        """True if no id of `records` repeats, in them or in the batch being filled."""
-        ids = [record[0] for record in records]
-        return len(set(ids)) == len(ids) and self.seen.isdisjoint(ids)
-
-    def add_common(self, records: list[ValidRecord]) -> Iterator[_Batch]:
-        """Add valid records, all new (`all_new`); yield each batch they fill."""
+    def add_page(self, records: list[ValidRecord]) -> list[_Batch] | None:
+        """Add a page of valid records and return the batches it filled; None (nothing
+        added) if an id repeats, in the page or in the batch being filled."""
+        ids = set(map(_first, records))
+        if len(ids) != len(records) or not self.seen.isdisjoint(ids):
+            return None
+        if len(records) < self.size - len(self.batch.records):  # the page fits: most pages
+            self.batch.records += records
+            self.batch.keys += len(records)
+            self.seen |= ids
+            return []
+        filled = []
         start = 0
         while start < len(records):
             chunk = records[start : start + self.size - len(self.batch.records)]
             start += len(chunk)
             self.batch.records += chunk
             self.batch.keys += len(chunk)
-            self.seen.update(record[0] for record in chunk)
+            self.seen.update(map(_first, chunk))
             if len(self.batch.records) >= self.size:
-                yield self._full()
+                filled.append(self._full())
+        return filled
 
     def add(
         self,

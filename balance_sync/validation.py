@@ -128,17 +128,30 @@ def validate(
 # checking. Anything else takes the full path above, with its reasons.
 _COMMON_ID = re.compile(rb"[1-9][0-9]{0,17}").fullmatch
 _COMMON_DECIMAL = re.compile(rb"[0-9]{1,18}(?:\.[0-9]{1,2})?").fullmatch
+_COMMON_IDS = re.compile(rb"(?:[1-9][0-9]{0,17}\n)*[1-9][0-9]{0,17}").fullmatch
+_COMMON_DECIMALS = re.compile(
+    rb"(?:[0-9]{1,18}(?:\.[0-9]{1,2})?\n)*[0-9]{1,18}(?:\.[0-9]{1,2})?"
+).fullmatch
 
 
 def common_page(values: list[tuple[bytes, bytes]], prefix_length: int) -> list[ValidRecord] | None:
     """Every record of a page if all are in the common form, else None (use `validate_page`).
 
-    The checks run over whole lists in C, not record by record in Python: on the pages most
-    runs are made of, this is most of the reader's work gone.
+    Ids and values are each checked as one joined text by one regular expression, in C,
+    not record by record in Python: on the pages most runs are made of, this is most of the
+    reader's work gone. A newline inside a key or value shows in the count of separators.
     """
     ids = [key[prefix_length:] for key, _ in values]
     raws = [raw for _, raw in values]
-    if all(map(_COMMON_ID, ids)) and all(map(_COMMON_DECIMAL, raws)):
+    if not values:
+        return []
+    id_text, raw_text = b"\n".join(ids), b"\n".join(raws)
+    separators = len(values) - 1
+    if (
+        id_text.count(b"\n") == separators == raw_text.count(b"\n")
+        and _COMMON_IDS(id_text)
+        and _COMMON_DECIMALS(raw_text)
+    ):
         return list(zip(ids, raws, strict=True))
     return None
 

@@ -467,6 +467,35 @@ def test_non_utf8_keys_and_values_are_skipped_and_recorded(initialized, rds, key
 # -- batching ------------------------------------------------------------------------------
 
 
+def test_ids_that_exist_during_a_first_sync_are_classified_as_usual(
+    initialized, rds, key_prefix, pg, monkeypatch
+):
+    """A first sync inserts batches straight from staging; an id that exists by then (the
+    application inserted it after the run began) takes the usual path, and every inserted
+    row is remembered: an outside change to it later is a conflict."""
+    insert_rows(pg, {1: "1.00", 2: "5.00"})
+    monkeypatch.setattr(Database, "is_empty", lambda self, target: True)
+    seed(rds, key_prefix, {i: f"{i}.00" for i in range(1, 11)})
+    data = sync_json(initialized)
+    assert counts_of(data) == {
+        "processed": 10,
+        "inserted": 8,
+        "updated": 1,
+        "unchanged": 1,
+        "skipped": 0,
+        "invalid": 0,
+    }
+    assert balances_of(pg) == {i: f"{i}.00" for i in range(1, 11)}
+    monkeypatch.undo()
+    pg.execute("UPDATE user_balances SET balance = 99 WHERE telegram_id = 3")
+    rds.set(f"{key_prefix}3", "4.00")
+    rds.set(f"{key_prefix}4", "5.00")
+    data = sync_json(initialized, "--force", code=1)
+    assert (data["updated"], data["skipped"]) == (1, 1)
+    assert balances_of(pg)[3] == "99.00"
+    assert balances_of(pg)[4] == "5.00"
+
+
 def test_batches_of_common_records_are_cut_at_the_batch_size(initialized, rds, key_prefix, pg):
     """Pages of valid records take the whole-page path; batches still hold 7 records each."""
     seed(rds, key_prefix, {i: f"{i}.25" for i in range(1, 101)})
@@ -480,20 +509,23 @@ def test_batches_of_common_records_are_cut_at_the_batch_size(initialized, rds, k
 def test_batcher_keeps_an_id_once_per_batch_across_pages():
     """SCAN may return a key on two pages: the whole-page path defers to the per-record one."""
     batcher = _Batcher(5, keep_raw=False)
-    first = [(b"%d" % i, b"1.00") for i in range(1, 4)]
-    assert batcher.all_new(first)
-    assert list(batcher.add_common(first)) == []
-    again = [(b"3", b"1.00"), (b"4", b"1.00")]
-    assert not batcher.all_new(again)  # 3 is in the batch being filled
-    assert not batcher.all_new([(b"9", b"1.00"), (b"9", b"1.00")])
+    assert batcher.add_page([(b"%d" % i, b"1.00") for i in range(1, 4)]) == []
+    assert batcher.add_page([(b"3", b"1.00"), (b"4", b"1.00")]) is None  # 3 is in the batch
+    assert batcher.add_page([(b"9", b"1.00"), (b"9", b"1.00")]) is None  # 9 twice in a page
+    assert [r[0] for r in batcher.batch.records] == [b"1", b"2", b"3"]
     done = []
-    for suffix, raw in again:
+    for suffix, raw in [(b"3", b"1.00"), (b"4", b"1.00")]:
         done += batcher.add(suffix, b"k" + suffix, raw, (suffix, raw), None)
-    assert [record[0] for record in batcher.batch.records] == [b"1", b"2", b"3", b"4"]
-    done += batcher.add_common([(b"5", b"1.00"), (b"6", b"1.00"), (b"3", b"2.00")])
-    assert [[r[0] for r in b.records] for b in done] == [[b"1", b"2", b"3", b"4", b"5"]]
+    assert [r[0] for r in batcher.batch.records] == [b"1", b"2", b"3", b"4"]
+    filled = batcher.add_page([(b"%d" % i, b"1.00") for i in range(5, 12)])
+    assert [[r[0] for r in b.records] for b in done + (filled or [])] == [
+        [b"1", b"2", b"3", b"4", b"5"],
+        [b"6", b"7", b"8", b"9", b"10"],
+    ]
     # A new batch forgets the ids of the last one.
-    assert [r[0] for r in batcher.batch.records] == [b"6", b"3"]
+    assert [r[0] for r in batcher.batch.records] == [b"11"]
+    assert batcher.add_page([(b"3", b"2.00")]) == []
+    assert batcher.batch.keys == 2
 
 
 def test_batch_size_7_gives_the_same_result_as_one_batch(initialized, rds, key_prefix, pg):
