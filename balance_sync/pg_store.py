@@ -188,6 +188,7 @@ class TargetTable:
     has_updated_at: bool
     can_insert: bool
     balance_type: BalanceType = BalanceType("numeric(20,2)", None, 2)
+    has_ctid: bool = True  # a table; a view has none, and rows are found by id instead
 
     @property
     def ident(self) -> sql.Identifier:
@@ -362,7 +363,7 @@ class Database:
                     "run `balsync init-db` for the default table, or check --table",
                 )
             resolved = conn.execute(
-                """SELECT n.nspname, c.relname FROM pg_class c
+                """SELECT n.nspname, c.relname, c.relkind IN ('r', 'p') FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
                    WHERE c.oid = to_regclass(%s)""",
                 (name,),
@@ -407,6 +408,7 @@ class Database:
                 # Inserting needs a unique id (ON CONFLICT) and no other mandatory column.
                 can_insert=bool(unique and unique[0]) and not others_required,
                 balance_type=_balance_type(settings, *kind),
+                has_ctid=bool(resolved[2]),
             )
 
         return self.call(run)
@@ -1180,17 +1182,18 @@ def _merge(
     delta = conn.execute(
         sql.SQL(
             """INSERT INTO pg_temp.balsync_delta
-               SELECT d.id, d.new, d.old, d.tid IS NOT NULL, d.tid, w.balance, w.ctid
-               FROM (SELECT s.id, s.balance AS new, t.balance AS old, t.tid
+               SELECT d.id, d.new, d.old, d.present, d.tid, w.balance, w.ctid
+               FROM (SELECT s.id, s.balance AS new, t.balance AS old, t.tid,
+                            t.id IS NOT NULL AS present
                      FROM pg_temp.balsync_stage s LEFT JOIN LATERAL (
-                         SELECT x.{bal} AS balance, x.ctid AS tid FROM {table} x
+                         SELECT x.{id} AS id, x.{bal} AS balance, {tid} AS tid FROM {table} x
                          WHERE x.{id} = s.id OFFSET 0) t ON true
                      WHERE t.balance IS DISTINCT FROM s.balance
                      OFFSET 0) AS d
                LEFT JOIN LATERAL (
                    SELECT m.balance, m.ctid FROM balsync.written m
                    WHERE m.target_table = %s AND m.telegram_id = d.id OFFSET 0) w ON true"""
-        ).format(**names),
+        ).format(tid=sql.SQL("x.ctid" if target.has_ctid else "NULL::tid"), **names),
         (key,),
     ).rowcount
     if delta == 0:
@@ -1242,7 +1245,7 @@ def _merge(
             """WITH upd AS (
                    UPDATE {table} AS t SET {bal} = d.new{touch}
                    FROM pg_temp.balsync_delta d
-                   WHERE t.ctid = d.tid AND (t.{id} = d.id) IS TRUE AND d.present
+                   WHERE {found} AND d.present
                      AND t.{bal} IS NOT DISTINCT FROM d.old
                    RETURNING t.{id} AS id, d.new AS balance, d.wtid
                ){inserting}, remembered AS (
@@ -1258,6 +1261,11 @@ def _merge(
         ).format(
             touch=touch,
             inserting=inserting,
+            found=(
+                sql.SQL("t.ctid = d.tid AND (t.{} = d.id) IS TRUE")
+                if target.has_ctid
+                else sql.SQL("t.{} = d.id")
+            ).format(sql.Identifier(target.id_column)),
             written_rows=sql.SQL(
                 "(SELECT id, balance FROM upd WHERE wtid IS NULL"
                 " UNION ALL SELECT id, balance FROM ins) AS w"

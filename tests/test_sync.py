@@ -496,6 +496,37 @@ def test_ids_that_exist_during_a_first_sync_are_classified_as_usual(
     assert balances_of(pg)[4] == "5.00"
 
 
+def test_a_view_over_the_balances_is_updated_by_id(initialized, rds, key_prefix, pg):
+    """A view has no ctid: its rows are found by id; ids it cannot take are unknown."""
+    pg.execute(
+        "CREATE TABLE view_base (telegram_id bigint PRIMARY KEY, balance numeric(20,2) NOT NULL)"
+    )
+    pg.execute("INSERT INTO view_base VALUES (1, 1), (2, 2)")
+    pg.execute("CREATE VIEW balances_view AS SELECT * FROM view_base")
+    seed(rds, key_prefix, {1: "5.00", 2: "2.00", 3: "7.00"})
+    data = sync_json(initialized, "--table", "balances_view", code=1)
+    assert (data["inserted"], data["updated"], data["unchanged"], data["skipped"]) == (0, 1, 1, 1)
+    assert balances_of(pg, "view_base") == {1: "5.00", 2: "2.00"}
+
+
+def test_a_partitioned_table_is_synced_row_by_row(initialized, rds, key_prefix, pg):
+    """Partitions repeat each other's ctids: every row is still matched by its own id."""
+    pg.execute(
+        """CREATE TABLE parted (telegram_id bigint PRIMARY KEY, balance numeric(20,2) NOT NULL)
+           PARTITION BY HASH (telegram_id)"""
+    )
+    for remainder in (0, 1):
+        pg.execute(
+            f"CREATE TABLE parted{remainder} PARTITION OF parted "
+            f"FOR VALUES WITH (MODULUS 2, REMAINDER {remainder})"
+        )
+    pg.execute("INSERT INTO parted SELECT g, g FROM generate_series(1, 40) g")
+    seed(rds, key_prefix, {i: f"{i}.00" if i % 3 else f"{i}.50" for i in range(1, 61)})
+    data = sync_json(initialized, "--table", "parted")
+    assert (data["inserted"], data["updated"], data["unchanged"]) == (20, 13, 27)
+    assert balances_of(pg, "parted") == {i: f"{i}.00" if i % 3 else f"{i}.50" for i in range(1, 61)}
+
+
 def test_batches_of_common_records_are_cut_at_the_batch_size(initialized, rds, key_prefix, pg):
     """Pages of valid records take the whole-page path; batches still hold 7 records each."""
     seed(rds, key_prefix, {i: f"{i}.25" for i in range(1, 101)})
