@@ -48,6 +48,10 @@ RAW_VALUE_LIMIT = 200
 # server becomes exit 4 instead of a hung cron job.
 MIN_ATTEMPT_DEADLINE = 30.0
 UNKNOWN_ID = "unknown id: no such row, and the table takes no inserts"
+# How a row of balsync.written is replaced: its last written value, whoever wrote it first.
+_REMEMBER: LiteralString = (
+    "ON CONFLICT (target_table, telegram_id) DO UPDATE SET balance = EXCLUDED.balance"
+)
 
 _BOOKKEEPING: list[LiteralString] = [
     "CREATE SCHEMA IF NOT EXISTS balsync",
@@ -218,8 +222,8 @@ class MergePolicy:
 
     on_conflict: OnConflict = "skip"
     hold_updates: bool = False  # Redis restarted: insert new ids, overwrite nothing
-    # The table was empty when the run began (a first sync): a batch inserts its rows
-    # straight from staging, and only ids that turn out to exist are classified.
+    # The table was empty when the run began (a first sync) and takes inserts: a batch
+    # inserts its rows straight from staging; only ids that turn out to exist are classified.
     insert_first: bool = False
 
 
@@ -567,7 +571,7 @@ class Database:
                     done = _batch_done(conn, target, run_id, batch_no)
                     if done is not None:
                         return done
-                if policy.insert_first and target.can_insert and run_id is not None:
+                if policy.insert_first:
                     counts = _insert_first(conn, target, policy, len(records))
                 else:
                     counts = _merge(conn, target, policy, dry_run=run_id is None)
@@ -1120,7 +1124,7 @@ def _insert_first(
 ) -> BatchCounts:
     """Insert the staged batch into a table that was empty when the run began, with memory.
 
-    Skipping the classification saves a third of a first sync. An id that exists by now
+    Skipping the classification saves about a sixth of a first sync. An id that exists now
     (the application inserted it meanwhile, or SCAN returned it twice) is left alone here
     and classified as usual afterwards.
     """
@@ -1134,21 +1138,24 @@ def _insert_first(
                    RETURNING {id} AS id, {bal} AS balance
                )
                INSERT INTO balsync.written (target_table, telegram_id, balance)
-               SELECT %s, id, balance FROM ins
-               ON CONFLICT (target_table, telegram_id) DO UPDATE SET balance = EXCLUDED.balance"""
-        ).format(
-            table=target.ident,
-            id=sql.Identifier(target.id_column),
-            bal=sql.Identifier(target.balance_column),
-            columns=columns,
-            values=values,
-        ),
+               SELECT %s, id, balance FROM ins """
+            + _REMEMBER
+        ).format(columns=columns, values=values, **_names(target)),
         (str(target.table),),
     ).rowcount
     if inserted == staged:
         return BatchCounts(inserted, 0, [])
     rest = _merge(conn, target, policy, dry_run=False)
     return BatchCounts(inserted + rest.inserted, rest.updated, rest.unknown_ids, rest.conflicts)
+
+
+def _names(target: TargetTable) -> dict[str, sql.Composable]:
+    """The target table and its id and balance columns, as the merge statements name them."""
+    return {
+        "table": target.ident,
+        "id": sql.Identifier(target.id_column),
+        "bal": sql.Identifier(target.balance_column),
+    }
 
 
 def _touch_on_insert(target: TargetTable) -> tuple[sql.Composable, sql.Composable]:
@@ -1168,11 +1175,7 @@ def _merge(
     only the delta, so a batch where nothing changed costs one index lookup per id, as a
     plain UPDATE ... FROM would.
     """
-    names = {
-        "table": target.ident,
-        "id": sql.Identifier(target.id_column),
-        "bal": sql.Identifier(target.balance_column),
-    }
+    names = _names(target)
     key = str(target.table)
     # Each lookup is a LATERAL subquery behind OFFSET 0, so it runs once per row and by
     # index whatever the statistics say: tables that were empty when last analyzed (a first
@@ -1253,9 +1256,7 @@ def _merge(
                    WHERE w.ctid = u.wtid AND w.target_table = %(key)s AND w.telegram_id = u.id
                ), written AS (
                    INSERT INTO balsync.written (target_table, telegram_id, balance)
-                   SELECT %(key)s, id, balance FROM {written_rows}
-                   ON CONFLICT (target_table, telegram_id)
-                   DO UPDATE SET balance = EXCLUDED.balance
+                   SELECT %(key)s, id, balance FROM {written_rows} {remember}
                )
                SELECT (SELECT count(*) FROM upd), {inserted}"""
         ).format(
@@ -1273,6 +1274,7 @@ def _merge(
                 else "upd WHERE wtid IS NULL"
             ),
             inserted=sql.SQL("(SELECT count(*) FROM ins)" if target.can_insert else "0"),
+            remember=sql.SQL(_REMEMBER),
             **names,
         ),
         {"key": key},
@@ -1292,8 +1294,8 @@ def _remember(
     if pairs:
         conn.execute(
             """INSERT INTO balsync.written (target_table, telegram_id, balance)
-               SELECT %s, i, b FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b)
-               ON CONFLICT (target_table, telegram_id) DO UPDATE SET balance = EXCLUDED.balance""",
+               SELECT %s, i, b FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b) """
+            + _REMEMBER,
             (str(table), [i for i, _ in pairs], [str(b) for _, b in pairs]),
         )
 

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from operator import itemgetter
 from typing import Literal
 
@@ -162,8 +162,7 @@ def run_sync(
                 return _finish(result, started)
             result.run_id = control.start_run(settings)
         try:
-            policy, redis_id = _merge_policy(options, redis, control, settings)
-            policy = replace(policy, insert_first=not options.dry_run and control.is_empty(target))
+            policy, redis_id = _merge_policy(options, redis, control, settings, target)
             if not options.dry_run:
                 # Every run claims the ids marked dirty: a full scan covers them too.
                 claimed = redis.claim_dirty(settings.key_prefix)
@@ -220,9 +219,14 @@ def _gate(settings: Settings, options: SyncOptions, control: Database, lock: Run
 
 
 def _merge_policy(
-    options: SyncOptions, redis: RedisStore, control: Database, settings: Settings
+    options: SyncOptions,
+    redis: RedisStore,
+    control: Database,
+    settings: Settings,
+    target: TargetTable,
 ) -> tuple[MergePolicy, str]:
-    """Hold every overwrite when Redis restarted since the last run balsync trusted."""
+    """Hold every overwrite when Redis restarted since the last run balsync trusted; insert
+    first when the table is empty and takes inserts (a first sync)."""
     current = redis.server_run_id()
     baseline = control.redis_baseline(settings.table) if control.schema_present() else None
     restarted = baseline is not None and baseline != current
@@ -237,6 +241,7 @@ def _merge_policy(
         MergePolicy(
             on_conflict=options.on_conflict,
             hold_updates=restarted and not options.accept_redis_restart,
+            insert_first=not options.dry_run and target.can_insert and control.is_empty(target),
         ),
         current,
     )
@@ -300,10 +305,7 @@ def _read_batches(
         pages = redis.scan_pages(settings.key_prefix)
     for page in pages:
         for key, kind in page.wrong_type:
-            batcher.batch.keys += 1
-            batcher.batch.invalid.append(
-                InvalidRecord(key, None, f"key holds a {kind}, not a string")
-            )
+            batcher.add_wrong_type(key, kind)
         records = common_page(page.values, prefix_length) if bulk else None
         filled = batcher.add_page(records) if records is not None else None
         if filled is not None:
@@ -344,17 +346,17 @@ class _Batcher:
         self.seen = set()
         return done
 
+    def add_wrong_type(self, key: bytes, kind: str) -> None:
+        """A key of another type than string: skipped, and counted invalid."""
+        self.batch.keys += 1
+        self.batch.invalid.append(InvalidRecord(key, None, f"key holds a {kind}, not a string"))
+
     def add_page(self, records: list[ValidRecord]) -> list[_Batch] | None:
         """Add a page of valid records and return the batches it filled; None (nothing
         added) if an id repeats, in the page or in the batch being filled."""
         ids = set(map(_first, records))
         if len(ids) != len(records) or not self.seen.isdisjoint(ids):
             return None
-        if len(records) < self.size - len(self.batch.records):  # the page fits: most pages
-            self.batch.records += records
-            self.batch.keys += len(records)
-            self.seen |= ids
-            return []
         filled = []
         start = 0
         while start < len(records):

@@ -126,12 +126,13 @@ def validate(
 # The common case, checked in one pass: an id of at most 18 digits is always below 2^63 and a
 # non-negative value of at most 18 integer digits always below 10^18, so nothing else needs
 # checking. Anything else takes the full path above, with its reasons.
-_COMMON_ID = re.compile(rb"[1-9][0-9]{0,17}").fullmatch
-_COMMON_DECIMAL = re.compile(rb"[0-9]{1,18}(?:\.[0-9]{1,2})?").fullmatch
-_COMMON_IDS = re.compile(rb"(?:[1-9][0-9]{0,17}\n)*[1-9][0-9]{0,17}").fullmatch
-_COMMON_DECIMALS = re.compile(
-    rb"(?:[0-9]{1,18}(?:\.[0-9]{1,2})?\n)*[0-9]{1,18}(?:\.[0-9]{1,2})?"
-).fullmatch
+_ID_FORM = rb"[1-9][0-9]{0,17}"
+_DECIMAL_FORM = rb"[0-9]{1,18}(?:\.[0-9]{1,2})?"
+_COMMON_ID = re.compile(_ID_FORM).fullmatch
+_COMMON_DECIMAL = re.compile(_DECIMAL_FORM).fullmatch
+# The same forms for a whole page joined with newlines.
+_COMMON_IDS = re.compile(rb"(?:%s\n)*%s" % (_ID_FORM, _ID_FORM)).fullmatch
+_COMMON_DECIMALS = re.compile(rb"(?:%s\n)*%s" % (_DECIMAL_FORM, _DECIMAL_FORM)).fullmatch
 
 
 def common_page(values: list[tuple[bytes, bytes]], prefix_length: int) -> list[ValidRecord] | None:
@@ -141,10 +142,10 @@ def common_page(values: list[tuple[bytes, bytes]], prefix_length: int) -> list[V
     not record by record in Python: on the pages most runs are made of, this is most of the
     reader's work gone. A newline inside a key or value shows in the count of separators.
     """
-    ids = [key[prefix_length:] for key, _ in values]
-    raws = [raw for _, raw in values]
     if not values:
         return []
+    ids = [key[prefix_length:] for key, _ in values]
+    raws = [raw for _, raw in values]
     id_text, raw_text = b"\n".join(ids), b"\n".join(raws)
     separators = len(values) - 1
     if (
