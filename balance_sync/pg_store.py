@@ -757,19 +757,19 @@ class Database:
         )
         return bool(row and row[0])
 
-    def missing_after_restart(self, table: TableName, run_id: int) -> int:
-        """How many remembered ids this run did not find agreeing in Redis (keys that
-        clear-cache removed on purpose aside): 0 is the evidence that nothing was lost."""
-        key = self.key(table)
-        row = self.call(
-            lambda conn: conn.execute(
-                """SELECT count(*) FROM balsync.written w
-                   WHERE w.target_table = %s AND NOT w.cleared
-                     AND NOT EXISTS (SELECT 1 FROM balsync.restart_seen s
-                                     WHERE s.run_id = %s AND s.telegram_id = w.telegram_id)""",
-                (key, run_id),
-            ).fetchone()
-        )
+    def missing_after_restart(self, target: TargetTable, run_id: int) -> int:
+        """How many rows balsync remembers this run did not find agreeing in Redis: 0 is
+        the evidence that nothing persisted was lost. Keys that clear-cache removed on
+        purpose, and rows deleted from the table since, do not count."""
+        query = sql.SQL(
+            """SELECT count(*) FROM balsync.written w
+               WHERE w.target_table = %s AND NOT w.cleared
+                 AND NOT EXISTS (SELECT 1 FROM balsync.restart_seen s
+                                 WHERE s.run_id = %s AND s.telegram_id = w.telegram_id)
+                 AND EXISTS (SELECT 1 FROM {table} t WHERE t.{id} = w.telegram_id)"""
+        ).format(table=target.ident, id=sql.Identifier(target.id_column))
+        key = self.key(target.table)
+        row = self.call(lambda conn: conn.execute(query, (key, run_id)).fetchone())
         return int(row[0]) if row else 0
 
     def mark_cleared(self, table: TableName, ids: Sequence[int]) -> None:

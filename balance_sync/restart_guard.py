@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from balance_sync.errors import RedisChanged
-from balance_sync.pg_store import Database
+from balance_sync.pg_store import Database, TargetTable
 from balance_sync.redis_store import RedisStore
 from balance_sync.settings import TableName
 
@@ -47,16 +47,17 @@ class RestartGuard:
 
     redis: RedisStore
     control: Database
-    table: TableName
+    target: TargetTable
     options: GuardOptions
     identity: str
     pending: bool
 
     @classmethod
     def open(
-        cls, redis: RedisStore, control: Database, table: TableName, options: GuardOptions
+        cls, redis: RedisStore, control: Database, target: TargetTable, options: GuardOptions
     ) -> RestartGuard:
         """Compare the Redis this run reads with the trusted one; trust it where that is free."""
+        table = target.table
         identity = redis.server_run_id()
         # Only a dry run comes here without the schema: nothing is persisted, nothing lost.
         schema = not options.dry_run or control.schema_present()
@@ -79,7 +80,7 @@ class RestartGuard:
                 identity[:8],
                 (trusted or "none")[:8],
             )
-        return cls(redis, control, table, options, identity, pending)
+        return cls(redis, control, target, options, identity, pending)
 
     def check(self) -> None:
         """Stop the run if Redis is no longer the server it started reading from."""
@@ -100,12 +101,12 @@ class RestartGuard:
             return False, 0
         if self.options.dry_run or not self.options.full_scan or run_id is None:
             return True, 0  # an incremental or dry run reads too little, or writes nothing
-        missing = self.control.missing_after_restart(self.table, run_id)
+        missing = self.control.missing_after_restart(self.target, run_id)
         if held or missing:
             return True, missing
         self.check()
         self.control.trust_redis(
-            self.table, self.identity, "full scan: every remembered key found agreeing"
+            self.target.table, self.identity, "full scan: every remembered key found agreeing"
         )
         log.warning(
             "Redis restart resolved: every balance balsync remembers was found agreeing; "

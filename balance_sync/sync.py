@@ -181,7 +181,7 @@ def run_sync(
                 return _finish(result, started)
             result.run_id = control.start_run(settings)
         try:
-            guard = RestartGuard.open(redis, control, target.table, options)
+            guard = RestartGuard.open(redis, control, target, options)
             policy = _merge_policy(options, control, target, guard)
             if not options.dry_run:
                 # Every run claims the ids marked dirty: a full scan covers them too.

@@ -143,6 +143,18 @@ def test_keys_cleared_on_purpose_do_not_block_trust(own, pg):
     assert balances(pg) == {1: "1500.00", 2: "25.00", 3: "3.00"}
 
 
+def test_a_row_deleted_since_does_not_block_trust(own, pg):
+    """A remembered id whose row an admin deleted has nothing left to lose."""
+    pg.execute("DELETE FROM user_balances WHERE telegram_id = 3")
+    own.restart_empty()
+    own.set({1: "1500.00", 2: "20.00"})
+    assert own.sync()[0] == 0
+    own.set({1: "1490.00"})
+    code, data = own.sync()
+    assert (code, data["updated"]) == (0, 1)
+    assert balances(pg) == {1: "1490.00", 2: "20.00"}
+
+
 def test_pending_restart_is_shown_by_health_status_and_sync(own):
     """Until trusted, health is degraded, status and sync's summary name the restart."""
     own.restart_empty()
