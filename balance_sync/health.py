@@ -144,6 +144,7 @@ class _Probe:
                 ("key_ttl", self.key_ttl),
                 ("memory", self.memory),
                 ("redis_restart", self.redis_restart),
+                *((("sentinel", self.sentinel),) if self.redis.sentinel is not None else ()),
             )
         )
         return HealthReport(checks, self.redis_error, self.postgres_error)
@@ -324,13 +325,36 @@ class _Probe:
             detail=f"{detail}: near the limit, where Redis {consequence}",
         )
 
+    def sentinel(self) -> Check:
+        view = self.redis.sentinel_view()
+        silent = [s for s in view.sentinels if s not in view.answering]
+        replicas = [
+            f"{address} {'in sync' if online and not behind else f'behind by {behind} bytes'}"
+            if online
+            else f"{address} not connected"
+            for address, online, behind in view.replicas
+        ]
+        in_sync = any(online and not behind for _, online, behind in view.replicas)
+        detail = (
+            f"sentinels {', '.join(view.sentinels)}"
+            + (f" ({', '.join(silent)} not answering)" if silent else "")
+            + f"; master {view.master}; replicas: {', '.join(replicas) or 'none'}"
+        )
+        if not in_sync:
+            detail += (
+                ": no replica holds everything the master has, so a failover now would lose "
+                "balances written since the last sync"
+            )
+        return Check("sentinel", ok=in_sync and not silent, detail=detail)
+
     def redis_restart(self) -> Check:
         info = self._server()
         self._require_schema()
         up = f"up {format_duration(info.uptime_s)}, run_id {info.run_id}"
         # A failover lands on a server that may have been up for days: its run_id tells.
-        if restart_pending(self.redis, self.db, self.settings.table):
-            trusted = self.db.trusted_redis(self.settings.table) or "none recorded"
+        if restart_pending(self.redis, self.db, self.settings.table, self.settings.key_prefix):
+            trust = self.db.trusted_redis(self.settings.table)
+            trusted = trust.redis_id if trust is not None else "none recorded"
             return Check(
                 "redis_restart",
                 ok=False,

@@ -141,6 +141,13 @@ _BOOKKEEPING: list[LiteralString] = [
         reason text NOT NULL,
         trusted_at timestamptz NOT NULL DEFAULT now()
     )""",
+    # Where the trusted server's replication history stood after the last batch balsync
+    # committed from it: a replica promoted past that point holds everything balsync read.
+    "ALTER TABLE balsync.redis_trust ADD COLUMN IF NOT EXISTS replid text",
+    "ALTER TABLE balsync.redis_trust ADD COLUMN IF NOT EXISTS repl_offset bigint",
+    # The token of the trust marker balsync left in Redis: gone after FLUSHALL, absent from
+    # another database. NULL (trust migrated from an older version): to be verified.
+    "ALTER TABLE balsync.redis_trust ADD COLUMN IF NOT EXISTS token text",
     # The ids a run found agreeing while a restart was pending: the evidence, counted at
     # the end of the run against every id balsync remembers. Unlogged: it lives one run.
     """CREATE UNLOGGED TABLE IF NOT EXISTS balsync.restart_seen (
@@ -256,6 +263,17 @@ class Conflict:
     last_written: Decimal | None
     kind: ConflictKind
     resolution: Resolution
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The Redis server trusted for a table: its run_id and, where it has one, the point of
+    its replication history up to which balsync has read and committed."""
+
+    redis_id: str
+    replid: str | None = None
+    repl_offset: int | None = None
+    token: str | None = None  # the trust marker's value; None: migrated, unverified
 
 
 @dataclass(frozen=True)
@@ -638,7 +656,7 @@ class Database:
         policy: MergePolicy = MergePolicy(),
         key_prefix: str = "",
         reserve: Callable[[str, int], int] = lambda kind, wanted: 0,
-        before_commit: Callable[[], None] | None = None,
+        before_commit: Callable[[], Trust | None] | None = None,
         resolve_in_redis: Callable[[list[Conflict]], set[int]] | None = None,
     ) -> BatchCounts:
         """Write one batch in one transaction: COPY into staging, then a set-based merge.
@@ -650,9 +668,11 @@ class Database:
         (invalid first, then unknown ids) and conflicts are stored in the same transaction,
         as many as `reserve("skipped"|"conflicts", wanted)` grants: a run's caps are shared by
         parallel writers. `before_commit` runs last inside the transaction: raising there
-        (Redis changed under the run) commits nothing of the batch. `resolve_in_redis` gives
-        Redis the database's value for the conflicts resolved for it and says which keys it
-        really set: only those are remembered; the others stay conflicts, kept.
+        (Redis changed under the run) commits nothing of the batch; the position it returns
+        (how far the trusted server's history had come) is recorded with the batch.
+        `resolve_in_redis` gives Redis the database's value for the conflicts resolved for
+        it and says which keys it really set: only those are remembered; the others stay
+        conflicts, kept.
         """
         payload = b"".join([b"\n".join(map(b"\t".join, records)), b"\n"]) if records else b""
 
@@ -700,17 +720,15 @@ class Database:
                     room = reserve("conflicts", len(counts.conflicts))
                     _store_conflicts(conn, run_id, counts.conflicts[:room])
                 if policy.hold_updates:
+                    # Found in Redis with a valid value; a held row is counted as held too.
                     conn.execute(
                         """INSERT INTO balsync.restart_seen (run_id, telegram_id)
                            SELECT %s, s.id FROM pg_temp.balsync_stage s
-                           WHERE s.id <> ALL(%s::bigint[]) ON CONFLICT DO NOTHING""",
-                        (
-                            run_id,
-                            [c.telegram_id for c in counts.conflicts if c.resolution == "kept"],
-                        ),
+                           ON CONFLICT DO NOTHING""",
+                        (run_id,),
                     )
                 if before_commit is not None:
-                    before_commit()
+                    _read_up_to(conn, target.table, before_commit())
                 return counts
 
         return self.call(run)
@@ -723,44 +741,58 @@ class Database:
         """
         self.call(lambda conn: _remember(conn, table, pairs))
 
-    def trusted_redis(self, table: TableName) -> str | None:
-        """The identity of the Redis server balsync trusts for `table`, or None before any."""
+    def trusted_redis(self, table: TableName) -> Trust | None:
+        """The Redis server balsync trusts for `table`, or None before any."""
         key = self.key(table)
         row = self.call(
             lambda conn: conn.execute(
-                "SELECT redis_id FROM balsync.redis_trust WHERE target_table = %s", (key,)
+                """SELECT redis_id, replid, repl_offset, token FROM balsync.redis_trust
+                   WHERE target_table = %s""",
+                (key,),
             ).fetchone()
         )
-        return None if row is None else str(row[0])
+        return None if row is None else Trust(str(row[0]), row[1], row[2], row[3])
 
-    def trust_redis(self, table: TableName, redis_id: str, reason: str) -> None:
+    def trust_redis(self, table: TableName, trust: Trust, reason: str) -> None:
         """Trust this Redis server for `table` from now on; `reason` says on what evidence."""
         key = self.key(table)
         self.call(
             lambda conn: conn.execute(
-                """INSERT INTO balsync.redis_trust (target_table, redis_id, reason)
-                   VALUES (%s, %s, %s)
+                """INSERT INTO balsync.redis_trust
+                       (target_table, redis_id, replid, repl_offset, token, reason)
+                   VALUES (%s, %s, %s, %s, %s, %s)
                    ON CONFLICT (target_table) DO UPDATE
-                   SET redis_id = EXCLUDED.redis_id, reason = EXCLUDED.reason,
-                       trusted_at = now()""",
-                (key, redis_id, reason),
+                   SET redis_id = EXCLUDED.redis_id, replid = EXCLUDED.replid,
+                       repl_offset = EXCLUDED.repl_offset, token = EXCLUDED.token,
+                       reason = EXCLUDED.reason, trusted_at = now()""",
+                (key, trust.redis_id, trust.replid, trust.repl_offset, trust.token, reason),
             )
         )
 
-    def remembers_any(self, table: TableName) -> bool:
-        """True when balsync remembers a written value for some row of `table`."""
+    def record_read(self, table: TableName, position: Trust) -> None:
+        """Record how far balsync has read the trusted server's replication history."""
+        self.call(lambda conn: _read_up_to(conn, table, position))
+
+    def remembers_any(self, table: TableName, key_prefix: str) -> bool:
+        """True when balsync remembers a written value for some row of `table`, or of any
+        table synced from the same Redis keys (a view over it, its name before a rename)."""
         key = self.key(table)
         row = self.call(
             lambda conn: conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM balsync.written WHERE target_table = %s)", (key,)
+                """SELECT EXISTS (SELECT 1 FROM balsync.written WHERE target_table = %s)
+                       OR EXISTS (SELECT 1 FROM balsync.written w
+                                  WHERE w.target_table IN (SELECT target_table
+                                                           FROM balsync.sync_runs
+                                                           WHERE key_prefix = %s))""",
+                (key, key_prefix),
             ).fetchone()
         )
         return bool(row and row[0])
 
     def missing_after_restart(self, target: TargetTable, run_id: int) -> int:
-        """How many rows balsync remembers this run did not find agreeing in Redis: 0 is
-        the evidence that nothing persisted was lost. Keys that clear-cache removed on
-        purpose, and rows deleted from the table since, do not count."""
+        """How many rows balsync remembers whose key this run did not find in Redis with a
+        valid value. Keys that clear-cache removed on purpose, and rows deleted from the
+        table since, do not count."""
         query = sql.SQL(
             """SELECT count(*) FROM balsync.written w
                WHERE w.target_table = %s AND NOT w.cleared
@@ -1452,6 +1484,16 @@ def _remember(
                SELECT %s, i, b FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b) """
             + _REMEMBER,
             (str(table), [i for i, _ in pairs], [str(b) for _, b in pairs]),
+        )
+
+
+def _read_up_to(conn: Connection, table: TableName, position: Trust | None) -> None:
+    """Record, with the batch, that balsync read the trusted server up to this point."""
+    if position is not None and position.replid:
+        conn.execute(
+            """UPDATE balsync.redis_trust SET repl_offset = greatest(repl_offset, %s)
+               WHERE target_table = %s AND redis_id = %s AND replid = %s""",
+            (position.repl_offset, str(table), position.redis_id, position.replid),
         )
 
 

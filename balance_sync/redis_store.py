@@ -20,10 +20,11 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.crc import key_slot
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from balance_sync import retry
 from balance_sync.errors import BalsyncError, ConfigError, RedisUnavailable
-from balance_sync.settings import CLUSTER_SUFFIX, mask_url
+from balance_sync.settings import CLUSTER_SUFFIX, SENTINEL_SUFFIX, SentinelUrl, mask_url
 
 T = TypeVar("T")
 
@@ -68,6 +69,12 @@ def dirty_keys(prefix: str) -> tuple[str, str]:
     return tag, tag + ":claimed"
 
 
+def trust_marker(prefix: str, table: str) -> str:
+    """The key of balsync's trust marker for one target table: beside the dirty set, in
+    its hash tag (one cluster slot; the ACL that allows the dirty set allows it)."""
+    return dirty_keys(prefix)[0] + ":trusted:" + table
+
+
 _SET_IF_EQUAL = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
@@ -92,10 +99,15 @@ class RedisStore:
         self.url = url
         self.retry_timeout = retry_timeout
         # A redis+cluster:// URL (settings gives every cluster-mode URL that scheme).
-        self.cluster = urlsplit(url).scheme.endswith(CLUSTER_SUFFIX)
+        scheme = urlsplit(url).scheme
+        self.cluster = scheme.endswith(CLUSTER_SUFFIX)
+        self.sentinel: Sentinel | None = None
+        self.service = ""  # the Sentinel service name
         self._client: redis.Redis | RedisCluster | None = None
         self._stale_slots = False
-        if not self.cluster:
+        if scheme.endswith(SENTINEL_SUFFIX):
+            self._client, self.sentinel, self.service = _sentinel_client(SentinelUrl.parse(url))
+        elif not self.cluster:
             self._client = redis.Redis.from_url(url, **_client_options())
 
     @property
@@ -165,6 +177,42 @@ class RedisStore:
 
         self._call(run)
 
+    def identity(self, marker: str) -> Identity:
+        """Which server answers, where its replication history stands, and the trust
+        marker balsync left in this keyspace (key `marker`).
+
+        Behind Sentinel (or any single server) the history lets a promoted replica prove
+        that it holds everything its old master had; a cluster offers its run_ids only.
+        The marker is gone after FLUSHALL, FLUSHDB or a restart without persistence, and
+        was never in another database of the same server.
+        """
+        if self.cluster:
+            run_id = self.server_run_id()
+            found = self._call(partial(self.client.get, marker))
+            return Identity(run_id, marker=cast(bytes | None, found))
+
+        def run() -> tuple[dict[str, object], bytes | None]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.info("server")
+            pipe.info("replication")
+            pipe.get(marker)
+            server, replication, found = pipe.execute()
+            return {**server, **replication}, found
+
+        info, found = self._call(run)
+        return Identity(
+            run_id=_text(info.get("run_id")),
+            replid=_text(info.get("master_replid")),
+            replid2=_text(info.get("master_replid2")),
+            offset=_int(info.get("master_repl_offset")),
+            second_offset=_int(info.get("second_repl_offset")),
+            marker=found,
+        )
+
+    def set_marker(self, marker: str, token: str) -> None:
+        """Leave balsync's trust marker in this keyspace (it travels with replication)."""
+        self._call(partial(self.client.set, marker, token))
+
     def server_run_id(self) -> str:
         """The server's INFO run_id: it changes whenever Redis restarts or fails over.
 
@@ -176,6 +224,34 @@ class RedisStore:
             return ",".join(sorted(_text(run_id) for run_id in ids))
         info = self._call(partial(self.client.info, "server"))
         return str(info.get("run_id", ""))
+
+    def sentinel_view(self) -> SentinelView:
+        """Behind Sentinel: which sentinels answer, the master they name, and its replicas
+        with how far each is behind (INFO replication on the master)."""
+        assert self.sentinel is not None, "Sentinel mode only"
+        answering = []
+        for client in self.sentinel.sentinels:
+            address = _address(client)
+            try:
+                client.ping()
+                answering.append(address)
+            except (rx.ConnectionError, rx.TimeoutError, OSError):
+                continue
+        host, port = self._call(partial(self.sentinel.discover_master, self.service))
+        info = cast(dict[str, object], self._call(partial(self.client.info, "replication")))
+        offset = _int(info.get("master_repl_offset"))
+        replicas = []
+        for name, value in sorted(info.items()):
+            if name.startswith("slave") and isinstance(value, dict):
+                behind = offset - _int(value.get("offset"))
+                online = _text(value.get("state")) == "online"
+                replicas.append((f"{value.get('ip')}:{value.get('port')}", online, behind))
+        return SentinelView(
+            sentinels=tuple(_address(c) for c in self.sentinel.sentinels),
+            answering=tuple(answering),
+            master=f"{host}:{port}",
+            replicas=tuple(replicas),
+        )
 
     def set_if_equal(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bool]:
         """For each (key, expected, new): SET key new only if it still holds `expected`.
@@ -718,6 +794,30 @@ class RedisStore:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """A Redis server's run_id and replication history (INFO server, INFO replication),
+    and balsync's trust marker in the keyspace read."""
+
+    run_id: str
+    replid: str = ""
+    replid2: str = ""
+    offset: int = 0
+    second_offset: int = -1
+    marker: bytes | None = None  # balsync's trust marker, as this keyspace holds it
+
+    def continues(self, replid: str | None, offset: int | None) -> bool:
+        """True when this server provably holds every write up to `offset` of the history
+        `replid`: it is that history at or past the offset, or a replica promoted from it
+        after replicating past the offset (its replid2 and second_repl_offset say so)."""
+        if not replid or offset is None:
+            return False
+        if self.replid == replid:
+            return self.offset >= offset
+        # second_repl_offset is the first offset of the new history: the old one ran to it.
+        return self.replid2 == replid and self.second_offset > offset
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     """What the Redis server says about itself; memory in bytes, 0 maxmemory: no limit."""
 
@@ -731,6 +831,17 @@ class ServerInfo:
     maxmemory_human: str
     maxmemory_policy: str
     policy_source: str  # "CONFIG GET", or "INFO" where CONFIG is not permitted
+
+
+@dataclass(frozen=True)
+class SentinelView:
+    """What the sentinels and the master they name say; replicas as (address, online,
+    bytes behind the master)."""
+
+    sentinels: tuple[str, ...]
+    answering: tuple[str, ...]
+    master: str
+    replicas: tuple[tuple[str, bool, int], ...]
 
 
 @dataclass(frozen=True)
@@ -780,6 +891,32 @@ def _client_options() -> dict[str, Any]:
         "health_check_interval": 30,
         "retry": Retry(NoBackoff(), 0),
     }
+
+
+def _address(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host')}:{kwargs.get('port')}"
+
+
+def _sentinel_client(url: SentinelUrl) -> tuple[redis.Redis, Sentinel, str]:
+    """A client of the service's master, found through the sentinels for every connection:
+    after a failover the next reconnect (a retried command) reaches the new master."""
+    options = _client_options()
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(url.sentinels),
+        sentinel_kwargs={
+            key: options[key] for key in ("socket_timeout", "socket_connect_timeout", "retry")
+        },
+        **options,
+    )
+    client = sentinel.master_for(  # type: ignore[no-untyped-call]
+        url.service,
+        db=url.db,
+        username=url.username,
+        password=url.password,
+        ssl=url.tls,
+    )
+    return cast(redis.Redis, client), sentinel, url.service
 
 
 def _single_scheme(url: str) -> str:

@@ -10,12 +10,13 @@ persisted was lost, or the operator decides.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
 from balance_sync.errors import RedisChanged
-from balance_sync.pg_store import Database, TargetTable
-from balance_sync.redis_store import RedisStore
+from balance_sync.pg_store import Database, TargetTable, Trust
+from balance_sync.redis_store import Identity, RedisStore, trust_marker
 from balance_sync.settings import TableName
 
 log = logging.getLogger(__name__)
@@ -34,90 +35,155 @@ class GuardOptions(Protocol):
     def full_scan(self) -> bool: ...
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """How the Redis answering now stands to the one balsync trusts for a table."""
+
+    pending: bool  # no differing row may be overwritten
+    verify_only: bool = False  # trust migrated from an older version: finding every key is enough
+    reason: str = ""  # why it may be trusted now, when it may
+
+
+def assess(identity: Identity, trusted: Trust | None, remembered: bool) -> Assessment:
+    """Compare the server read (`identity`) with the trusted one; `remembered`: balsync
+    remembers balances synced from these keys, so something persisted could be lost."""
+    if trusted is None:
+        if remembered:
+            return Assessment(pending=True)
+        return Assessment(pending=False, reason="first run: nothing persisted that could be lost")
+    marked = trusted.token is not None and identity.marker == trusted.token.encode()
+    history = not trusted.replid or identity.replid == trusted.replid
+    if trusted.redis_id == identity.run_id and history and marked:
+        return Assessment(pending=False)
+    if marked and identity.continues(trusted.replid, trusted.repl_offset):
+        return Assessment(
+            pending=False, reason="failover: its replication history continues balsync's reads"
+        )
+    if trusted.token is None and trusted.redis_id == identity.run_id and history:
+        return Assessment(pending=True, verify_only=True)
+    return Assessment(pending=True)
+
+
 @dataclass
 class RestartGuard:
     """Whether the Redis a run reads is the one balsync trusts, and what earns it trust.
 
-    A Redis whose identity changed (a restart, a failover, another server behind the same
-    address) may have lost keys, or come back from an old snapshot, so a run overwrites
-    no differing row until it is trusted. Trust comes only from evidence that nothing
-    persisted was lost (a full scan that found every remembered key agreeing), or from
-    the operator (--accept-redis-restart); a run that merely held nothing proves nothing.
+    The server is the one trusted while its run_id, its replication id and balsync's trust
+    marker in the keyspace are unchanged: a restart, a failover or failback, FLUSHALL, or
+    another server or database behind the same address changes one of them. Another one
+    may have lost keys or come back from an old snapshot, so a run overwrites no differing
+    row until it is trusted. Trust comes only from evidence that nothing persisted was
+    lost: a replication history that provably continues what balsync last read (a clean
+    failover), a full scan that found every remembered key agreeing, or the operator
+    (--accept-redis-restart). A run that merely held nothing proves nothing.
     """
 
     redis: RedisStore
     control: Database
     target: TargetTable
     options: GuardOptions
-    identity: str
-    pending: bool
+    marker: str  # the trust marker's key
+    identity: Identity
+    assessment: Assessment
+
+    @property
+    def pending(self) -> bool:
+        """True while no row that differs from Redis may be overwritten."""
+        return self.assessment.pending
 
     @classmethod
     def open(
-        cls, redis: RedisStore, control: Database, target: TargetTable, options: GuardOptions
+        cls,
+        redis: RedisStore,
+        control: Database,
+        target: TargetTable,
+        options: GuardOptions,
+        key_prefix: str,
     ) -> RestartGuard:
         """Compare the Redis this run reads with the trusted one; trust it where that is free."""
         table = target.table
-        identity = redis.server_run_id()
         # Only a dry run comes here without the schema: nothing is persisted, nothing lost.
         schema = not options.dry_run or control.schema_present()
+        marker = trust_marker(key_prefix, control.key(table))
+        identity = redis.identity(marker)
         trusted = control.trusted_redis(table) if schema else None
-        reason = ""
-        if trusted == identity:
-            pending = False
-        elif trusted is None and not (schema and control.remembers_any(table)):
-            pending, reason = False, "first run: nothing persisted that could be lost"
-        else:
-            pending = True
-        if pending and options.accept_redis_restart:
-            pending, reason = False, "accepted by the operator (--accept-redis-restart)"
-        if reason and not options.dry_run:
-            control.trust_redis(table, identity, reason)
-        if pending:
+        found = assess(identity, trusted, schema and control.remembers_any(table, key_prefix))
+        if found.pending and options.accept_redis_restart:
+            found = Assessment(
+                pending=False, reason="accepted by the operator (--accept-redis-restart)"
+            )
+        guard = cls(redis, control, target, options, marker, identity, found)
+        if found.reason and not options.dry_run:
+            guard._trust(found.reason)
+        if found.pending:
             log.warning(
-                "Redis restart pending: the server (run_id %s…) is not the one balsync trusts "
-                "(run_id %s…); new ids are inserted, but no row that differs is overwritten",
-                identity[:8],
-                (trusted or "none")[:8],
+                "Redis restart pending: the server read (run_id %s…) is not the one balsync "
+                "trusts (run_id %s…); new ids are inserted, but no row that differs is "
+                "overwritten",
+                identity.run_id[:8],
+                (trusted.redis_id if trusted else "none")[:8],
             )
-        return cls(redis, control, target, options, identity, pending)
+        return guard
 
-    def check(self) -> None:
-        """Stop the run if Redis is no longer the server it started reading from."""
-        now = self.redis.server_run_id()
-        if now != self.identity:
+    def _trust(self, reason: str) -> None:
+        """Trust the server read from now on: a new marker in Redis, then the record."""
+        token = uuid.uuid4().hex
+        self.redis.set_marker(self.marker, token)
+        self.identity = self.redis.identity(self.marker)
+        self.control.trust_redis(
+            self.target.table,
+            Trust(self.identity.run_id, self.identity.replid or None, self.identity.offset, token),
+            reason,
+        )
+        log.info("trusting Redis run_id %s…: %s", self.identity.run_id[:8], reason)
+
+    def check(self) -> Trust | None:
+        """Stop the run if Redis is no longer the server it started reading from; else, for
+        a trusted server, how far its history has come (recorded with each batch)."""
+        now = self.redis.identity(self.marker)
+        start = self.identity
+        if (now.run_id, now.replid, now.marker) != (start.run_id, start.replid, start.marker):
             raise RedisChanged(
-                f"Redis changed during the run (run_id {self.identity[:8]}… is now "
-                f"{now[:8]}…): a restart or failover; the run stopped before committing more",
-                "rerun `balsync sync`: it treats the new server as a restart and holds "
-                "differing rows until it is trusted",
+                f"Redis changed during the run (run_id {start.run_id[:8]}… is now "
+                f"{now.run_id[:8]}…, or its replication id or balsync's marker changed): a "
+                "restart, failover or flush; the run stopped before committing more",
+                "rerun `balsync sync`: it treats the new server as a restart unless its "
+                "replication history proves that nothing was lost",
             )
+        if self.pending:
+            return None
+        return Trust(now.run_id, now.replid or None, now.offset)
+
+    def finish(self) -> None:
+        """At the end of a run: the server is still the one it read, and that is recorded."""
+        position = self.check()
+        if position is not None and not self.options.dry_run:
+            self.control.record_read(self.target.table, position)
 
     def conclude(self, held: int, run_id: int | None) -> tuple[bool, int]:
         """After a run that finished, with `held` rows held back: trust the new Redis if
         the run proved nothing was lost. Whether the restart is still pending, and how
-        many remembered keys the run did not find agreeing."""
+        many remembered keys the run did not find."""
         if not self.pending:
             return False, 0
         if self.options.dry_run or not self.options.full_scan or run_id is None:
             return True, 0  # an incremental or dry run reads too little, or writes nothing
         missing = self.control.missing_after_restart(self.target, run_id)
-        if held or missing:
+        if missing or (held and not self.assessment.verify_only):
             return True, missing
         self.check()
-        self.control.trust_redis(
-            self.target.table, self.identity, "full scan: every remembered key found agreeing"
+        self._trust(
+            "full scan: every remembered key found"
+            + ("" if self.assessment.verify_only else ", each agreeing")
         )
         log.warning(
-            "Redis restart resolved: every balance balsync remembers was found agreeing; "
+            "Redis restart resolved: every balance balsync remembers was found in Redis; "
             "this Redis is trusted from now on"
         )
         return False, 0
 
 
-def restart_pending(redis: RedisStore, db: Database, table: TableName) -> bool:
+def restart_pending(redis: RedisStore, db: Database, table: TableName, key_prefix: str) -> bool:
     """For operator views: True while the Redis answering now is not the trusted one."""
-    trusted = db.trusted_redis(table)
-    if trusted is None:
-        return db.remembers_any(table)
-    return trusted != redis.server_run_id()
+    identity = redis.identity(trust_marker(key_prefix, db.key(table)))
+    return assess(identity, db.trusted_redis(table), db.remembers_any(table, key_prefix)).pending

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 import psycopg
 
@@ -25,9 +25,18 @@ DEFAULT_KEY_PREFIX = "balance:"
 DEFAULT_TABLE = "user_balances"
 DEFAULT_RETRY_TIMEOUT = 60.0
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
 # A Redis URL whose scheme ends so names a Redis Cluster; in cluster mode the URL always does.
 CLUSTER_SUFFIX = "+cluster"
+SENTINEL_SUFFIX = "+sentinel"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
@@ -125,8 +134,55 @@ def _redis_from_parts(environ: Mapping[str, str]) -> str | None:
     return f"redis://{auth}{host}:{port}/{db}"
 
 
+@dataclass(frozen=True)
+class SentinelUrl:
+    """`redis+sentinel://[[user]:password@]host:port[,host:port…]/service_name[/db]`.
+
+    The credentials are the data servers'; the sentinels are asked without them.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelUrl:
+        """Parse a Sentinel URL, or raise ConfigError naming what is wrong (never the password)."""
+        scheme, _, rest = url.partition("://")
+        netloc, _, path = rest.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        if not at:
+            userinfo, hosts = "", netloc
+        username, colon, password = userinfo.partition(":")
+        bad = f"invalid Redis Sentinel URL {mask_url(url)}"
+        hint = "redis+sentinel://[:password@]host:port[,host:port…]/service_name[/db]"
+        sentinels = []
+        for item in hosts.split(","):
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"{bad}: bad sentinel address {item!r}", hint)
+            sentinels.append((host.strip("[]"), int(port)))
+        service, _, db = path.split("?")[0].strip("/").partition("/")
+        if not service or (db and not db.isdigit()):
+            raise ConfigError(f"{bad}: name the service (and a database number)", hint)
+        return cls(
+            sentinels=tuple(sentinels),
+            service=unquote(service),
+            db=int(db or 0),
+            username=unquote(username) or None,
+            password=unquote(password) if colon else None,
+            tls=scheme.startswith("rediss"),
+        )
+
+
 def check_redis_url(url: str) -> str:
     """Reject a Redis URL that redis-py would misread later, with a one-line reason."""
+    if url.partition("://")[0].endswith(SENTINEL_SUFFIX):
+        SentinelUrl.parse(url)
+        return url
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -139,7 +195,8 @@ def check_redis_url(url: str) -> str:
         raise ConfigError(
             f"invalid Redis URL {mask_url(url)}",
             "it must start with redis://, rediss:// or unix:// "
-            "(redis+cluster:// or rediss+cluster:// for a Redis Cluster)",
+            "(redis+cluster:// or rediss+cluster:// for a Redis Cluster, redis+sentinel:// "
+            "or rediss+sentinel:// for Redis Sentinel)",
         )
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError(f"invalid Redis URL {mask_url(url)}: no host")
@@ -153,6 +210,13 @@ def cluster_url(url: str, cluster: bool) -> tuple[str, bool]:
     it knows; a cluster has only database 0 and is reached over TCP.
     """
     parts = urlsplit(url)
+    if parts.scheme.endswith(SENTINEL_SUFFIX):
+        if cluster:
+            raise ConfigError(
+                f"{mask_url(url)} names Redis Sentinel, which serves one master, not a cluster",
+                "drop --cluster and BALSYNC_REDIS_CLUSTER",
+            )
+        return url, False
     if not cluster and not parts.scheme.endswith(CLUSTER_SUFFIX):
         return url, False
     if parts.scheme == "unix":

@@ -120,7 +120,7 @@ def _restart_pending(settings: Settings, db: Database) -> bool | None:
     reports the rest: it is often asked while something is down)."""
     redis = RedisStore(settings.redis_url, min(settings.retry_timeout, 5))
     try:
-        return restart_pending(redis, db, settings.table)
+        return restart_pending(redis, db, settings.table, settings.key_prefix)
     except RedisUnavailable:
         return None
     finally:

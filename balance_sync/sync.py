@@ -181,7 +181,7 @@ def run_sync(
                 return _finish(result, started)
             result.run_id = control.start_run(settings)
         try:
-            guard = RestartGuard.open(redis, control, target, options)
+            guard = RestartGuard.open(redis, control, target, options, settings.key_prefix)
             policy = _merge_policy(options, control, target, guard)
             if not options.dry_run:
                 # Every run claims the ids marked dirty: a full scan covers them too.
@@ -192,7 +192,7 @@ def run_sync(
                 settings, options, redis, lock, target, result, on_batch, policy, guard, writers
             ).copy_all()
             if not options.dry_run:
-                guard.check()
+                guard.finish()
                 redis.release_claim(settings.key_prefix)  # only now: PostgreSQL has them all
         except BaseException as exc:
             result.status = "failed"

