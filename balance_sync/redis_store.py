@@ -355,16 +355,24 @@ class RedisStore:
 
     def sample_ttls(self, prefix: str, limit: int) -> TtlSample:
         """The first `limit` keys under `prefix` that SCAN meets, and which of them carry a TTL."""
-        seen: dict[bytes, None] = {}
-        for keys in self.scan_keys(prefix):
-            seen.update(dict.fromkeys(keys))
-            if len(seen) >= limit:
-                break
-        sample = list(seen)[:limit]
+        sample = self._first_keys(prefix, limit)
         ttls = self._call(partial(self._ttls, sample)) if sample else []
         present = [(key, ttl) for key, ttl in zip(sample, ttls, strict=True) if ttl != -2]
         expiring = tuple(key for key, ttl in present if ttl >= 0)
         return TtlSample(sampled=len(present), with_ttl=len(expiring), examples=expiring[:3])
+
+    def sample_values(self, prefix: str, limit: int) -> Page:
+        """The first `limit` keys under `prefix` that SCAN meets, with their values, read
+        without touching their idle time (`read_values`)."""
+        return self.read_values(self._first_keys(prefix, limit))
+
+    def _first_keys(self, prefix: str, limit: int) -> list[bytes]:
+        seen: dict[bytes, None] = {}  # SCAN may return a key twice
+        for keys in self.scan_keys(prefix):
+            seen.update(dict.fromkeys(keys))
+            if len(seen) >= limit:
+                break
+        return list(seen)[:limit]
 
     def _ttls(self, keys: list[bytes]) -> list[int]:
         return [int(ttl) for ttl in self._each_key(keys, lambda pipe, i: pipe.ttl(keys[i]))]
