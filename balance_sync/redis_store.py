@@ -1104,6 +1104,11 @@ class AsyncTrackedWrites(_Tracking):
     """TrackedWrites over redis.asyncio: the same scripts, keys and marks."""
 
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        if not isinstance(client, aioredis.Redis):
+            raise TypeError(
+                "AsyncBalanceWriter takes a redis.asyncio.Redis; an asyncio cluster client is "
+                "not supported (use BalanceWriter over redis.cluster.RedisCluster)"
+            )
         super().__init__(prefix, cluster=False)
         self.client = client
         self._set = client.register_script(_SET_AND_MARK)

@@ -1,7 +1,7 @@
 """The application's writer: balances into Redis, marked so `balsync sync --incremental` finds
 them, never invented, each adjustment applied at most once.
 
-    from decimal import Decimal
+    from decimal import Decimal, InvalidOperation
     import redis
     from balance_sync.writer import BalanceWriter, database_loader
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import Any, Literal, TypedDict, Unpack
 
@@ -425,8 +425,12 @@ def async_database_loader(url: str = "", **options: Unpack[LoaderOptions]) -> As
 def _decimal(amount: Decimal | str) -> Decimal:
     if isinstance(amount, float):
         raise TypeError("money is never a float: pass a Decimal or a str")
-    value = Decimal(amount)
-    if not value.is_finite() or value != value.quantize(Decimal("0.01")):
+    try:
+        value = Decimal(amount)
+        exact = value.is_finite() and value == value.quantize(Decimal("0.01"))
+    except InvalidOperation as exc:  # not a number, or too long for any balance
+        raise ValueError(f"{amount!r} is not an amount with at most two decimals") from exc
+    if not exact:
         raise ValueError(f"{amount!r} is not an amount with at most two decimals")
     return value
 

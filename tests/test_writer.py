@@ -365,6 +365,10 @@ def test_amounts_out_of_range_or_ids_out_of_range_are_refused(writer):
     """A delta of 10^18 or more, a float, or an id outside 1..2^63-1 never reaches Redis."""
     with pytest.raises(ValueError, match="out of range"):
         writer.adjust(1, "1000000000000000000")
+    with pytest.raises(ValueError, match="two decimals"):
+        writer.adjust(1, "1e40")
+    with pytest.raises(ValueError, match="two decimals"):
+        writer.adjust(1, "lots")
     with pytest.raises(TypeError):
         writer.adjust(1, 0.1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="telegram id"):
