@@ -53,6 +53,12 @@ class CrontabError(BalsyncError):
     exit_code = 5
 
 
+class RedisChanged(BalsyncError):
+    """The Redis server changed during a run (a restart or failover): it stopped writing."""
+
+    exit_code = 3
+
+
 # -- the application's writer (balance_sync.writer) ---------------------------------------
 
 

@@ -19,7 +19,8 @@
 --   CONNECT, TEMPORARY on the database   each batch is COPYed into a temporary staging table
 --   USAGE on schema balsync              run records, batch ledger, skipped records, conflicts
 --   SELECT, INSERT, UPDATE on balsync.*  a run inserts its record and updates it as it ends
---   DELETE on balsync.run_batches        only there: a finished run drops its batch ledger
+--   DELETE on balsync.run_batches and    only there: a finished run drops its batch ledger
+--     balsync.restart_seen               and the evidence it gathered after a Redis restart
 --   USAGE on balsync's sequences         the bigserial ids of runs, skipped records, conflicts
 --   USAGE on the target schema
 --   SELECT, INSERT, UPDATE on the table  merge: UPDATE … FROM, INSERT … ON CONFLICT
@@ -63,7 +64,7 @@ GRANT CONNECT, TEMPORARY ON DATABASE :"DBNAME" TO :"role";
 
 GRANT USAGE ON SCHEMA balsync TO :"role";
 GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA balsync TO :"role";
-GRANT DELETE ON balsync.run_batches TO :"role";
+GRANT DELETE ON balsync.run_batches, balsync.restart_seen TO :"role";
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA balsync TO :"role";
 -- Bookkeeping tables a later `balsync init-db` adds (run by the same administrator).
 ALTER DEFAULT PRIVILEGES IN SCHEMA balsync GRANT SELECT, INSERT, UPDATE ON TABLES TO :"role";
