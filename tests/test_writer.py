@@ -420,3 +420,14 @@ def test_the_writer_imports_none_of_the_cli(tmp_path: Path):
 def test_the_package_is_typed():
     """balance_sync ships py.typed, so a bot's type checker reads the writer's annotations."""
     assert (Path(balance_sync.__file__).parent / "py.typed").is_file()
+
+
+def test_a_client_that_decodes_responses_works_the_same(servers: Servers, key_prefix, rds):
+    """An application's client with decode_responses=True gets the same Decimal results."""
+    client = redis.Redis.from_url(servers.redis, decode_responses=True)
+    writer = BalanceWriter(client, prefix=key_prefix)
+    writer.set(1, "1.00")
+    assert writer.adjust(1, "0.50", adjustment_id="d") == Decimal("1.50")
+    assert writer.adjust(1, "0.50", adjustment_id="d") == Decimal("1.50")
+    assert rds.get(f"{key_prefix}1") == b"1.50"
+    client.close()
