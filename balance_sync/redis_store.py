@@ -1043,10 +1043,18 @@ class TrackedWrites(_Tracking):
         since a command resent after a lost reply could run twice.
 
         Raises ReplyLost where the connection failed after the script was sent; a failure to
-        connect raises redis-py's ConnectionError (nothing was sent).
+        connect raises redis-py's ConnectionError (nothing was sent). In a cluster the mark
+        follows an applied (or already applied) adjustment; a failed mark is ReplyLost too,
+        since the retry with the same id completes it.
         """
         if isinstance(self.client, RedisCluster):
-            return AdjustReply.parse(self._cluster_script(self.client, adjustment))
+            reply = AdjustReply.parse(self._cluster_script(self.client, adjustment))
+            if reply.status in ("applied", "done"):
+                try:
+                    self.client.sadd(self.keys[0], adjustment.args[1])
+                except (rx.ConnectionError, rx.TimeoutError) as exc:
+                    raise ReplyLost(str(exc)) from exc
+            return reply
         client = self.client
         pool: Any = client.connection_pool
         conn = client.connection or pool.get_connection()

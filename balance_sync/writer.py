@@ -212,13 +212,7 @@ class BalanceWriter(_Writer):
             base = self._base(telegram_id, self.loader(telegram_id), missing)
             adjustment = self._adjustment(self._writes, telegram_id, delta, adjustment_id, base)
             reply = self._run(adjustment, adjustment_id)
-        value = self._result(telegram_id, reply)
-        if self._writes.cluster:
-            try:
-                self._writes.mark([telegram_id])
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise AdjustmentUnknown(adjustment_id, exc) from exc
-        return value
+        return self._result(telegram_id, reply)
 
     def mark(self, telegram_ids: Sequence[int]) -> None:
         """Mark ids whose balances were written by other means."""
