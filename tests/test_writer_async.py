@@ -13,6 +13,7 @@ import pytest_asyncio
 import redis
 import redis.asyncio as aioredis
 
+from balance_sync.errors import PostgresUnavailable
 from balance_sync.redis_store import dirty_keys
 from balance_sync.writer import (
     AsyncBalanceWriter,
@@ -157,3 +158,35 @@ async def test_both_writers_feed_sync_incremental(
     )
     assert balances(pg) == {1: "1499.50", 2: "10.00", 3: "3.00", 4: "4.00", 5: "5.00"}
     assert json.loads(initialized("sync", "--json", "--force").stdout)["updated"] == 1
+
+
+async def test_async_postgresql_unreachable_writes_nothing(ards, rds, key_prefix):
+    """An async loader that cannot reach PostgreSQL raises PostgresUnavailable; Redis is
+    untouched."""
+    async with async_database_loader("postgresql://postgres@127.0.0.1:1/none", timeout=1) as load:
+        writer = AsyncBalanceWriter(ards, prefix=key_prefix, loader=load)
+        with pytest.raises(PostgresUnavailable):
+            await writer.adjust(3, "1")
+    assert own_keys(rds, key_prefix) == set()
+
+
+async def test_async_loader_holds_no_transaction_open(areading, pg):
+    """After a lookup the async pool's connection is idle, not idle in transaction."""
+    persist(pg, {5: "1.00"})
+    await areading.adjust(5, "1")
+    states = pg.execute(
+        "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    ).fetchall()
+    assert states, "the loader keeps a pooled connection"
+    assert all(state == "idle" for (state,) in states), states
+
+
+async def test_async_writer_refuses_a_cluster_client() -> None:
+    """The asyncio cluster client is refused by name rather than failing later."""
+    from redis.asyncio.cluster import RedisCluster as AsyncCluster
+
+    client = AsyncCluster(host="127.0.0.1", port=1)
+    with pytest.raises(TypeError, match=r"redis\.asyncio\.Redis"):
+        AsyncBalanceWriter(client)  # type: ignore[arg-type]
+    await client.aclose()
