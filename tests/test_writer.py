@@ -68,6 +68,17 @@ def reading(rds: redis.Redis, key_prefix: str, loader: DatabaseLoader) -> Balanc
     return BalanceWriter(rds, prefix=key_prefix, loader=loader)
 
 
+def assert_loader_idle(pg: Pg) -> None:
+    """The loader's pooled connections (every other one to the test's database) are idle, not
+    idle in transaction."""
+    states = pg.execute(
+        "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    ).fetchall()
+    assert states, "the loader keeps a pooled connection"
+    assert all(state == "idle" for (state,) in states), states
+
+
 def persist(pg: Pg, rows: dict[int, str]) -> None:
     for telegram_id, balance in rows.items():
         pg.execute(
@@ -238,12 +249,7 @@ def test_loader_holds_no_transaction_open(reading, pg, database_url):
     """After a lookup the pool's connection is idle, not idle in transaction."""
     persist(pg, {5: "1.00"})
     reading.adjust(5, "1")
-    states = pg.execute(
-        "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-    ).fetchall()
-    assert states, "the loader keeps a pooled connection"
-    assert all(state == "idle" for (state,) in states), states
+    assert_loader_idle(pg)
 
 
 # -- at most once ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from balance_sync.writer import (
     async_database_loader,
 )
 from tests.conftest import Balsync, Servers, balances
-from tests.test_writer import incremental, own_keys, persist
+from tests.test_writer import assert_loader_idle, incremental, own_keys, persist
 
 pytestmark = pytest.mark.asyncio
 Pg = psycopg.Connection[tuple[object, ...]]
@@ -174,12 +174,7 @@ async def test_async_loader_holds_no_transaction_open(areading, pg):
     """After a lookup the async pool's connection is idle, not idle in transaction."""
     persist(pg, {5: "1.00"})
     await areading.adjust(5, "1")
-    states = pg.execute(
-        "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-    ).fetchall()
-    assert states, "the loader keeps a pooled connection"
-    assert all(state == "idle" for (state,) in states), states
+    assert_loader_idle(pg)
 
 
 async def test_async_writer_refuses_a_cluster_client() -> None:
