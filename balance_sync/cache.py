@@ -5,6 +5,9 @@ delete itself is a compare-and-delete on the exact bytes that were read: a balan
 application writes between the read and the delete survives. The per-table advisory lock
 keeps sync out meanwhile, so the persisted side cannot move under us either.
 Memory stays constant: one SCAN page at a time.
+
+A deleted key is a miss for the application: this is safe only where the application then
+reads the balance through to PostgreSQL (`READ_THROUGH`), as balance_sync.writer does.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ Status = Literal["success", "skipped"]
 Reason = Literal["not_persisted", "differs", "invalid", "recently_used", "changed"]
 REASONS: tuple[Reason, ...] = ("not_persisted", "differs", "invalid", "recently_used", "changed")
 SECONDS_PER_DAY = 86_400
+READ_THROUGH = (
+    "Safe only where the application reads a missing balance through to PostgreSQL "
+    "(balance_sync.writer with a loader does): one that takes a missing key as 0 turns a "
+    "cleared balance into its next adjustment."
+)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from balance_sync import __version__, render
-from balance_sync.cache import ClearOptions, ClearResult, clear_cache
+from balance_sync.cache import READ_THROUGH, ClearOptions, ClearResult, clear_cache
 from balance_sync.errors import BalsyncError, ConfigError
 from balance_sync.health import DEFAULT_MAX_AGE, check_health
 from balance_sync.logs import FILE_ONLY, LOGGER, setup_logging
@@ -538,7 +538,8 @@ def stdin_is_terminal() -> bool:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Report what would be deleted and the memory it would free; delete nothing.",
+    help="Report what would be deleted, the memory it would free and what clearing needs; "
+    "delete nothing.",
 )
 @click.option(
     "--yes",
@@ -556,6 +557,10 @@ def clear_cache_command(
     *, settings: Settings, output: Output, dry_run: bool, yes: bool, idle_days: int | None
 ) -> int:
     """Free Redis memory: delete balance keys whose value PostgreSQL already holds.
+
+    Safe only where the application reads a missing balance through to PostgreSQL
+    (balance_sync.writer with a loader does): one that takes a missing key as 0 turns a
+    cleared balance into its next adjustment. --dry-run reminds you.
 
     A key is deleted only when its value equals the persisted balance as a number ('1500'
     equals 1500.00), by an atomic compare-and-delete on the exact bytes read: a balance
@@ -595,8 +600,8 @@ def _confirmed(settings: Settings) -> bool:
             "pass --yes to delete, or --dry-run to see what would go",
         )
     question = (
-        f"Delete the keys {settings.key_prefix}* at {settings.redis_display} whose value "
-        f"{settings.table} already holds?"
+        f"{READ_THROUGH}\nDelete the keys {settings.key_prefix}* at {settings.redis_display} "
+        f"whose value {settings.table} already holds?"
     )
     try:
         return click.confirm(question, err=True)

@@ -24,12 +24,14 @@ from balance_sync.pg_store import Database, RunRecord
 from balance_sync.redis_store import RedisStore, ServerInfo
 from balance_sync.restart_guard import restart_pending
 from balance_sync.settings import Settings
+from balance_sync.validation import InvalidRecord, validate
 
 log = logging.getLogger(__name__)
 
 Status = Literal["healthy", "degraded", "unhealthy"]
 DEFAULT_MAX_AGE = 7200.0  # two hourly runs missed
 TTL_SAMPLE_SIZE = 1000
+VALUE_SAMPLE_SIZE = 1000
 MEMORY_WARN_RATIO = 0.9
 # uptime_in_seconds is truncated to whole seconds; without this slack a sync that finished
 # within the server's first second would look older than the server.
@@ -142,6 +144,7 @@ class _Probe:
                 ("last_sync", self.last_sync),
                 ("eviction_policy", self.eviction_policy),
                 ("key_ttl", self.key_ttl),
+                ("invalid_values", self.invalid_values),
                 ("memory", self.memory),
                 ("redis_restart", self.redis_restart),
                 *((("sentinel", self.sentinel),) if self.redis.sentinel is not None else ()),
@@ -304,6 +307,55 @@ class _Probe:
             "is lost with it",
         )
 
+    def invalid_values(self) -> Check:
+        self._server()
+        prefix = self.settings.key_prefix
+        page = self.redis.sample_values(prefix, VALUE_SAMPLE_SIZE)
+        sampled = len(page.values) + len(page.wrong_type)
+        if sampled == 0:
+            return Check(
+                "invalid_values", ok=True, detail=f"no balance keys under {prefix!r} to sample"
+            )
+        prefix_length = len(prefix.encode())
+        invalid: list[InvalidRecord] = []
+        for key, raw in page.values:
+            # The sync's own rules. A negative balance passes: --allow-negative persists
+            # it, and only values that no sync ever writes are named here.
+            outcome = validate(
+                key,
+                raw,
+                prefix_length,
+                value_format=self.settings.value_format,
+                allow_negative=True,
+            )
+            if isinstance(outcome, InvalidRecord):
+                invalid.append(outcome)
+        invalid += [
+            InvalidRecord(k, None, f"a {kind}, not a string") for k, kind in page.wrong_type
+        ]
+        if not invalid:
+            return Check(
+                "invalid_values",
+                ok=True,
+                detail=f"all {sampled} sampled balance keys hold values a sync persists",
+            )
+        examples = "; ".join(
+            f"{_shown(record.key)} = {_shown(record.raw) if record.raw is not None else '-'}: "
+            f"{record.reason}"
+            for record in invalid[:3]
+        )
+        return Check(
+            "invalid_values",
+            ok=False,
+            detail=f"{len(invalid)} of {sampled} sampled balance keys hold values the sync "
+            f"will never persist (e.g. {examples}): every change to those balances stays out "
+            "of PostgreSQL and is lost with Redis; correct each key to a plain decimal with "
+            "at most 2 places, and stop what wrote it: a float tail such as "
+            "0.30000000000000004 or a third decimal comes from float arithmetic (INCRBYFLOAT, "
+            "a float in the application), which balance_sync.writer never does; `balsync "
+            "skipped` lists every such key after the next sync",
+        )
+
     def memory(self) -> Check:
         info = self._server()
         if info.maxmemory <= 0:
@@ -391,6 +443,10 @@ def _timed_ms(fn: Callable[[], None]) -> float:
     started = time.perf_counter()
     fn()
     return (time.perf_counter() - started) * 1000
+
+
+def _shown(raw: bytes) -> str:
+    return repr(raw.decode("utf-8", "backslashreplace"))[:60]
 
 
 def _sentence(exc: BalsyncError) -> str:

@@ -23,7 +23,13 @@ from psycopg import sql
 from psycopg.rows import TupleRow, class_row
 
 from balance_sync import __version__, retry
-from balance_sync.errors import BalsyncError, LockLost, PostgresUnavailable, SchemaMissing
+from balance_sync.errors import (
+    BalanceInvalid,
+    BalsyncError,
+    LockLost,
+    PostgresUnavailable,
+    SchemaMissing,
+)
 from balance_sync.settings import Settings, TableName, mask_url
 from balance_sync.validation import InvalidRecord, ValidRecord
 
@@ -1573,3 +1579,34 @@ def _store_skipped(conn: Connection, run_id: int, records: Sequence[InvalidRecor
         for record in records:
             raw = None if record.raw is None else text_of(record.raw[:RAW_VALUE_LIMIT])
             copy.write_row((run_id, text_of(record.key), raw, record.reason))
+
+
+# -- the application's read-through (balance_sync.writer) ---------------------------------
+
+
+def balance_lookup(table: TableName, id_column: str, balance_column: str) -> sql.Composed:
+    """One id's persisted balance as text: exact whatever the column's type, and every row,
+    since an application table need not make the id unique."""
+    return sql.SQL("SELECT {bal}::text FROM {table} WHERE {id} = %s").format(
+        bal=sql.Identifier(balance_column), table=_ident(table), id=sql.Identifier(id_column)
+    )
+
+
+def looked_up_balance(telegram_id: int, rows: Sequence[tuple[str | None, ...]]) -> Decimal | None:
+    """The balance `balance_lookup` found, or None where there is no row.
+
+    Raises BalanceInvalid where the rows hold no number or disagree: nothing there can
+    vouch for a balance, and 0 would invent one.
+    """
+    values = {_exact_decimal(row[0]) for row in rows}
+    if not values:
+        return None
+    if len(values) > 1 or None in values:
+        raise BalanceInvalid(
+            f"PostgreSQL holds no single valid balance for {telegram_id} "
+            f"({', '.join(sorted(str(row[0]) for row in rows))})",
+            "correct the row; until then the balance cannot be read through",
+        )
+    (value,) = values
+    assert value is not None
+    return value

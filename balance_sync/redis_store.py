@@ -6,13 +6,15 @@ off so that one budget (`--retry-timeout`) bounds the whole run.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, get_args
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.asyncio as aioredis
 import redis.exceptions as rx
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
@@ -51,11 +53,6 @@ _SET_AND_MARK = """
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
 return 1
-"""
-_INCRBY_AND_MARK = """
-local value = redis.call('INCRBY', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-return value
 """
 
 
@@ -435,16 +432,24 @@ class RedisStore:
 
     def sample_ttls(self, prefix: str, limit: int) -> TtlSample:
         """The first `limit` keys under `prefix` that SCAN meets, and which of them carry a TTL."""
-        seen: dict[bytes, None] = {}
-        for keys in self.scan_keys(prefix):
-            seen.update(dict.fromkeys(keys))
-            if len(seen) >= limit:
-                break
-        sample = list(seen)[:limit]
+        sample = self._first_keys(prefix, limit)
         ttls = self._call(partial(self._ttls, sample)) if sample else []
         present = [(key, ttl) for key, ttl in zip(sample, ttls, strict=True) if ttl != -2]
         expiring = tuple(key for key, ttl in present if ttl >= 0)
         return TtlSample(sampled=len(present), with_ttl=len(expiring), examples=expiring[:3])
+
+    def sample_values(self, prefix: str, limit: int) -> Page:
+        """The first `limit` keys under `prefix` that SCAN meets, with their values, read
+        without touching their idle time (`read_values`)."""
+        return self.read_values(self._first_keys(prefix, limit))
+
+    def _first_keys(self, prefix: str, limit: int) -> list[bytes]:
+        seen: dict[bytes, None] = {}  # SCAN may return a key twice
+        for keys in self.scan_keys(prefix):
+            seen.update(dict.fromkeys(keys))
+            if len(seen) >= limit:
+                break
+        return list(seen)[:limit]
 
     def _ttls(self, keys: list[bytes]) -> list[int]:
         return [int(ttl) for ttl in self._each_key(keys, lambda pipe, i: pipe.ttl(keys[i]))]
@@ -981,7 +986,173 @@ def _human_bytes(size: int) -> str:
     return f"{value:.2f}{unit}"
 
 
-class TrackedWrites:
+# -- the application's writes (balance_sync.writer) ----------------------------------------
+
+# An adjustment, applied at most once. KEYS: the balance, the adjustment's record and, on one
+# server, the dirty set. ARGV: the change in cents, the id to mark, the value format, the
+# record's lifetime in seconds, and the persisted balance to start from where the key is
+# absent ('' for none: an absent key is then reported, never taken as 0).
+# Every check comes before the first write: a script that stops half-way keeps its writes.
+# Lua numbers are doubles, exact only up to 2^53, and a balance reaches 10^20 cents, so each
+# amount travels as two exact halves of ten digits.
+_ADJUST_AND_MARK = r"""
+local SPLIT = 1e10
+
+local function halves(raw, format)
+  local sign, digits
+  if format == 'cents' then
+    sign, digits = string.match(raw, '^(%-?)(%d+)$')
+  else
+    local whole, fraction
+    sign, whole, fraction = string.match(raw, '^(%-?)(%d+)%.(%d%d?)$')
+    if not sign then
+      sign, whole = string.match(raw, '^(%-?)(%d+)$')
+      fraction = ''
+    end
+    if sign then
+      whole = string.gsub(whole, '^0+', '')
+      if #whole > 18 then return nil end
+      digits = whole .. fraction .. string.rep('0', 2 - #fraction)
+    end
+  end
+  if not sign then return nil end
+  digits = string.gsub(digits, '^0+', '')
+  if #digits > 20 then return nil end
+  local unit = sign == '-' and -1 or 1
+  return unit * (tonumber(string.sub(digits, 1, -11)) or 0),
+         unit * (tonumber(string.sub(digits, -10)) or 0)
+end
+
+local function text(high, low, format)
+  high, low = high + 0, low + 0  -- never a negative zero, which prints as '-0'
+  while low < 0 do low, high = low + SPLIT, high - 1 end
+  while low >= SPLIT do low, high = low - SPLIT, high + 1 end
+  local sign = ''
+  if high < 0 then
+    sign = '-'
+    if low > 0 then high, low = -high - 1, SPLIT - low else high = -high end
+  end
+  if high >= SPLIT then return nil end
+  local digits = string.format('%.0f', low)
+  if high > 0 then digits = string.format('%.0f', high) .. string.format('%010.0f', low) end
+  if digits == '0' then sign = '' end
+  if format == 'cents' then return sign .. digits end
+  digits = string.rep('0', 3 - #digits) .. digits
+  return sign .. string.sub(digits, 1, -3) .. '.' .. string.sub(digits, -2)
+end
+
+local record = redis.call('GET', KEYS[2])
+if record then
+  local delta, value = string.match(record, '^(%S+) (%S+)$')
+  if delta == ARGV[1] then return {'done', value} end
+  return {'reused', delta}
+end
+local raw = redis.pcall('GET', KEYS[1])
+if type(raw) == 'table' then return {'invalid', 'a key of another type'} end
+if not raw then
+  if ARGV[5] == '' then return {'missing'} end
+  raw = ARGV[5]
+end
+local high, low = halves(raw, ARGV[3])
+if not high then return {'invalid', raw} end
+local change_high, change_low = halves(ARGV[1], 'cents')
+local value = text(high + change_high, low + change_low, ARGV[3])
+if not value then return {'range', raw} end
+redis.call('SET', KEYS[1], value, 'KEEPTTL')
+if KEYS[3] then redis.call('SADD', KEYS[3], ARGV[2]) end
+redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. value, 'EX', ARGV[4])
+return {'applied', value}
+"""
+_ADJUST_SHA = hashlib.sha1(_ADJUST_AND_MARK.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
+
+AdjustStatus = Literal["applied", "done", "missing", "invalid", "range", "reused"]
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """One adjustment as the script takes it; built alike for the sync and the async writer."""
+
+    keys: tuple[str, ...]
+    args: tuple[str | bytes, ...]
+
+    @property
+    def command(self) -> tuple[str | bytes | int, ...]:
+        """EVALSHA's arguments after the script's digest."""
+        return (len(self.keys), *self.keys, *self.args)
+
+
+@dataclass(frozen=True)
+class AdjustReply:
+    """What the script answered: `applied` now, `done` before (the same adjustment id),
+    `missing` key, or why it wrote nothing (`invalid`, `range`, `reused`), with its detail."""
+
+    status: AdjustStatus
+    detail: bytes = b""
+
+    @classmethod
+    def parse(cls, reply: object) -> AdjustReply:
+        """The script's reply, whether the client decodes responses or not."""
+        parts = [p if isinstance(p, bytes) else str(p).encode() for p in cast(list[Any], reply)]
+        status = parts[0].decode()
+        assert status in get_args(AdjustStatus), reply
+        return cls(cast(AdjustStatus, status), parts[1] if len(parts) > 1 else b"")
+
+
+class ReplyLost(Exception):
+    """The connection failed after a command was sent: it may or may not have run."""
+
+
+def adjustment_key(balance_key: str, adjustment_id: str) -> str:
+    """Where an applied adjustment is remembered for a while.
+
+    The balance key's hash tag (the whole key when it has none) goes in braces, so a Redis
+    Cluster keeps both keys in one slot, as one script needs; the name starts outside the
+    key prefix, so no SCAN of the balances meets it.
+    """
+    start = balance_key.find("{")
+    end = balance_key.find("}", start + 1) if start >= 0 else -1
+    tag = balance_key[start + 1 : end] if start >= 0 and end > start + 1 else balance_key
+    return f"balsync:adj:{{{tag}}}:{adjustment_id}"
+
+
+class _Tracking:
+    """The keys and script arguments both writers share: one format, one set of marks."""
+
+    def __init__(self, prefix: str, *, cluster: bool) -> None:
+        self.prefix = prefix
+        self.keys = dirty_keys(prefix)
+        self.cluster = cluster
+
+    def balance_key(self, telegram_id: int) -> str:
+        """The balance key of an id."""
+        return f"{self.prefix}{telegram_id}"
+
+    def adjustment(
+        self,
+        telegram_id: int,
+        change_cents: int,
+        adjustment_id: str,
+        value_format: str,
+        *,
+        record_ttl: int,
+        base: bytes | None = None,
+    ) -> Adjustment:
+        """The script call that adds `change_cents` once, starting from `base` (what SET NX
+        would put) where the key is absent."""
+        key = self.balance_key(telegram_id)
+        record = adjustment_key(key, adjustment_id)
+        if self.cluster and key_slot(record.encode()) != key_slot(key.encode()):
+            raise ConfigError(
+                f"the key prefix {self.prefix!r} has a '}}' outside a hash tag: adjustments "
+                "cannot be recorded in the balance key's slot",
+                "use a prefix without braces, or with a whole {hash tag}",
+            )
+        keys = (key, record) if self.cluster else (key, record, self.keys[0])
+        args = (str(change_cents), str(telegram_id), value_format, str(record_ttl), base or b"")
+        return Adjustment(keys, args)
+
+
+class TrackedWrites(_Tracking):
     """The application's side of change tracking: write a balance and mark its id dirty in
     one atomic step, so `balsync sync --incremental` never misses a change.
 
@@ -991,54 +1162,140 @@ class TrackedWrites:
     """
 
     def __init__(self, client: redis.Redis | RedisCluster, prefix: str) -> None:
+        super().__init__(prefix, cluster=isinstance(client, RedisCluster))
         self.client = client
-        self.prefix = prefix
-        self.keys = dirty_keys(prefix)
-        self.cluster = isinstance(client, RedisCluster)
         self._set = client.register_script(_SET_AND_MARK)
-        self._incrby = client.register_script(_INCRBY_AND_MARK)
 
     def set(self, telegram_id: int, value: bytes) -> None:
         """SET the balance key to `value` and mark the id."""
-        key = f"{self.prefix}{telegram_id}"
+        key = self.balance_key(telegram_id)
         if self.cluster:
             self.client.set(key, value)
             self.client.sadd(self.keys[0], telegram_id)
             return
         self._set(keys=[key, self.keys[0]], args=[value, telegram_id])
 
-    def incrby(self, telegram_id: int, delta: int) -> int:
-        """INCRBY an integer balance (cents) and mark the id; the new value."""
-        key = f"{self.prefix}{telegram_id}"
-        if self.cluster:
-            value = int(self.client.incrby(key, delta))
-            self.client.sadd(self.keys[0], telegram_id)
-            return value
-        return int(self._incrby(keys=[key, self.keys[0]], args=[delta, telegram_id]))
+    def adjust(self, adjustment: Adjustment) -> AdjustReply:
+        """Run the adjust script once, never retried: redis-py's own retries are bypassed,
+        since a command resent after a lost reply could run twice.
 
-    def replace(self, telegram_id: int, compute: Callable[[bytes | None], bytes]) -> bytes:
-        """Read, compute and write a balance optimistically (WATCH/MULTI), marking the id.
-
-        Retried while another client changes the key in between: no update is lost.
+        Raises ReplyLost where the connection failed after the script was sent; a failure to
+        connect raises redis-py's ConnectionError (nothing was sent). In a cluster the mark
+        follows an applied (or already applied) adjustment; a failed mark is ReplyLost too,
+        since the retry with the same id completes it.
         """
-        key = f"{self.prefix}{telegram_id}"
-        while True:
-            with self.client.pipeline(transaction=True) as pipe:
+        if isinstance(self.client, RedisCluster):
+            reply = AdjustReply.parse(self._cluster_script(self.client, adjustment))
+            if reply.status in ("applied", "done"):
                 try:
-                    pipe.watch(key)
-                    new = compute(cast(bytes | None, pipe.get(key)))
-                    pipe.multi()
-                    pipe.set(key, new)
-                    if not self.cluster:
-                        pipe.sadd(self.keys[0], telegram_id)
-                    pipe.execute()
-                except rx.WatchError:
-                    continue
-            if self.cluster:
-                self.client.sadd(self.keys[0], telegram_id)
-            return new
+                    self.client.sadd(self.keys[0], adjustment.args[1])
+                except (rx.ConnectionError, rx.TimeoutError) as exc:
+                    raise ReplyLost(str(exc)) from exc
+            return reply
+        client = self.client
+        pool: Any = client.connection_pool
+        conn = client.connection or pool.get_connection()
+        try:
+            return AdjustReply.parse(_script_once(conn, adjustment))
+        finally:
+            if client.connection is None:
+                pool.release(conn)
+
+    def _cluster_script(self, client: Any, adjustment: Adjustment) -> object:
+        # A named target node turns off the cluster client's retries after connection
+        # faults; MOVED and ASK (the script did not run) are still followed.
+        node = client.get_node_from_key(adjustment.keys[0])
+        try:
+            try:
+                return client.execute_command(
+                    "EVALSHA", _ADJUST_SHA, *adjustment.command, target_nodes=node
+                )
+            except rx.NoScriptError:
+                return client.execute_command(
+                    "EVAL", _ADJUST_AND_MARK, *adjustment.command, target_nodes=node
+                )
+        except (rx.ConnectionError, rx.TimeoutError) as exc:
+            raise ReplyLost(str(exc)) from exc
 
     def mark(self, telegram_ids: Sequence[int]) -> None:
         """Mark ids changed by other means (a bulk import, a migration)."""
         if telegram_ids:
             self.client.sadd(self.keys[0], *telegram_ids)
+
+
+# redis-py's connection and cluster methods carry no annotations: they are reached as Any.
+
+
+def _script_once(conn: Any, adjustment: Adjustment) -> object:
+    """EVALSHA on one connection, once (EVAL where the server lost the script: NOSCRIPT
+    means it ran nothing); a connection fault after sending is ReplyLost."""
+    try:
+        try:
+            conn.send_command("EVALSHA", _ADJUST_SHA, *adjustment.command)
+            return conn.read_response()
+        except rx.NoScriptError:
+            conn.send_command("EVAL", _ADJUST_AND_MARK, *adjustment.command)
+            return conn.read_response()
+    except rx.ResponseError:
+        raise
+    except (rx.ConnectionError, rx.TimeoutError, OSError) as exc:
+        conn.disconnect()
+        raise ReplyLost(str(exc)) from exc
+    except BaseException:
+        conn.disconnect()  # interrupted mid-reply: the connection's state is unknown
+        raise
+
+
+class AsyncTrackedWrites(_Tracking):
+    """TrackedWrites over redis.asyncio: the same scripts, keys and marks."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        if not isinstance(client, aioredis.Redis):
+            raise TypeError(
+                "AsyncBalanceWriter takes a redis.asyncio.Redis; an asyncio cluster client is "
+                "not supported (use BalanceWriter over redis.cluster.RedisCluster)"
+            )
+        super().__init__(prefix, cluster=False)
+        self.client = client
+        self._set = client.register_script(_SET_AND_MARK)
+
+    async def set(self, telegram_id: int, value: bytes) -> None:
+        """SET the balance key to `value` and mark the id, in one script."""
+        await self._set(
+            keys=[self.balance_key(telegram_id), self.keys[0]], args=[value, telegram_id]
+        )
+
+    async def adjust(self, adjustment: Adjustment) -> AdjustReply:
+        """TrackedWrites.adjust: the script once, never retried; ReplyLost after sending."""
+        client = self.client
+        pool: Any = client.connection_pool
+        conn = client.connection or await pool.get_connection()
+        try:
+            return AdjustReply.parse(await _async_script_once(conn, adjustment))
+        finally:
+            if client.connection is None:
+                await pool.release(conn)
+
+    async def mark(self, telegram_ids: Sequence[int]) -> None:
+        """Mark ids changed by other means."""
+        if telegram_ids:
+            await self.client.sadd(self.keys[0], *telegram_ids)
+
+
+async def _async_script_once(conn: Any, adjustment: Adjustment) -> object:
+    """_script_once over an asyncio connection."""
+    try:
+        try:
+            await conn.send_command("EVALSHA", _ADJUST_SHA, *adjustment.command)
+            return await conn.read_response()
+        except rx.NoScriptError:
+            await conn.send_command("EVAL", _ADJUST_AND_MARK, *adjustment.command)
+            return await conn.read_response()
+    except rx.ResponseError:
+        raise
+    except (rx.ConnectionError, rx.TimeoutError, OSError) as exc:
+        await conn.disconnect()
+        raise ReplyLost(str(exc)) from exc
+    except BaseException:
+        await conn.disconnect()  # cancelled mid-reply: the connection's state is unknown
+        raise

@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from balance_sync.cache import ClearResult
+from balance_sync.cache import READ_THROUGH, ClearResult
 from balance_sync.health import HealthReport, format_duration
 from balance_sync.pg_store import Conflict, RunRecord
 from balance_sync.restore import RestoreResult
@@ -248,6 +248,8 @@ def clear_cache_table(result: ClearResult, target: str) -> Table:
             table.add_row(f"  {_KEPT_LABELS[reason]}", f"{count:,}")
     label = "memory it would free" if result.dry_run else "memory freed"
     table.add_row(label, _bytes_text(result.memory_freed_bytes))
+    if result.dry_run:
+        table.caption = READ_THROUGH
     return table
 
 

@@ -124,6 +124,7 @@ def test_human_summary_names_counts_reasons_and_memory(initialized, rds, pg, key
     assert "Dry run" in dry.stdout
     assert "would be deleted" in dry.stdout
     assert "memory it would free" in dry.stdout
+    assert "reads a missing balance through to PostgreSQL" in " ".join(dry.stdout.split())
     real = initialized("clear-cache", "--yes")
     assert real.exit_code == 0, real.stderr
     for text in ("deleted", "not persisted", "differs from PostgreSQL", "invalid", "memory freed"):
@@ -213,6 +214,7 @@ def test_confirmation_accepted_deletes(initialized, rds, pg, key_prefix, termina
     result = initialized("clear-cache", "--json", input="y\n")
     assert result.exit_code == 0, result.stderr
     assert "Delete the keys" in result.stderr
+    assert "Safe only where the application reads a missing balance through" in result.stderr
     assert key_prefix in result.stderr
     assert _json(result)["deleted"] == 2
     assert rds.exists(f"{key_prefix}1") == 0
@@ -410,3 +412,12 @@ def test_stops_without_deleting_when_a_sync_takes_the_lock_mid_run(
     assert result.exit_code == 5
     assert "lost the advisory lock" in result.stderr
     assert rds.get(f"{key_prefix}1") == b"1.00"
+
+
+def test_help_says_it_needs_a_read_through(initialized):
+    """--help states that clearing is safe only where the application reads misses through
+    to PostgreSQL, and that --dry-run says so too."""
+    result = initialized("clear-cache", "--help")
+    text = " ".join(result.stdout.split())
+    assert "Safe only where the application reads a missing balance through to PostgreSQL" in text
+    assert "--dry-run reminds you" in text

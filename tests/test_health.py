@@ -27,6 +27,7 @@ CHECKS = [
     "last_sync",
     "eviction_policy",
     "key_ttl",
+    "invalid_values",
     "memory",
     "redis_restart",
 ]
@@ -72,6 +73,7 @@ def test_healthy_after_a_partial_sync_exits_0(
     """After a sync (partial counts as success) on sound servers every check passes: exit 0."""
     rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "oops"})
     assert initialized("sync").exit_code == 1
+    rds.delete(f"{key_prefix}2")  # an invalid value left in Redis is a risk of its own
     code, report, checks = health_json(initialized)
     assert code == 0, report
     assert report["status"] == "healthy"
@@ -82,7 +84,11 @@ def test_healthy_after_a_partial_sync_exits_0(
     assert "PostgreSQL" in checks["postgres"]["detail"]
     assert all(checks[name]["latency_ms"] is None for name in CHECKS[2:])
     assert "partial" in checks["last_sync"]["detail"]
-    assert "none of 2 sampled balance keys" in checks["key_ttl"]["detail"]
+    assert "none of 1 sampled balance keys" in checks["key_ttl"]["detail"]
+    assert (
+        "all 1 sampled balance keys hold values a sync persists"
+        in (checks["invalid_values"]["detail"])
+    )
     assert "noeviction" in checks["eviction_policy"]["detail"]
     assert "no restart" in checks["redis_restart"]["detail"]
 
@@ -173,6 +179,43 @@ def test_balance_keys_with_a_ttl_are_reported(
     assert not checks["key_ttl"]["ok"]
     assert "2 of 5 sampled balance keys carry a TTL" in checks["key_ttl"]["detail"]
     assert f"{key_prefix}2" in checks["key_ttl"]["detail"]
+
+
+def test_values_the_sync_never_persists_are_a_money_risk(
+    initialized: Balsync, rds: redis.Redis, key_prefix: str
+) -> None:
+    """A float tail, a third decimal left by INCRBYFLOAT and a hash are counted
+    by the sample and named, with what to do: degraded."""
+    rds.mset({f"{key_prefix}{i}": "1.00" for i in range(1, 6)})
+    rds.set(f"{key_prefix}6", "0.30000000000000004")  # 0.1 + 0.2 in a float, written back
+    rds.set(f"{key_prefix}10", "1.10")
+    rds.incrbyfloat(f"{key_prefix}10", 0.001)  # 1.101
+    rds.hset(f"{key_prefix}8", "balance", "1")
+    rds.set(f"{key_prefix}9", "-5.00")  # --allow-negative persists it: not named
+    initialized("sync")
+    code, _, checks = health_json(initialized)
+    assert code == 1
+    check = checks["invalid_values"]
+    assert not check["ok"]
+    detail = check["detail"]
+    assert "3 of 9 sampled balance keys hold values the sync will never persist" in detail
+    assert f"{key_prefix}6' = '0.30000000000000004'" in detail
+    assert f"{key_prefix}10' = '1.101'" in detail
+    assert f"{key_prefix}8' = -: a hash, not a string" in detail
+    assert "INCRBYFLOAT" in detail
+    assert "balsync skipped" in detail
+    assert all(check["ok"] for name, check in checks.items() if name != "invalid_values")
+
+
+def test_the_value_sample_reads_in_the_value_format(
+    initialized: Balsync, rds: redis.Redis, key_prefix: str
+) -> None:
+    """In cents a whole number is valid and a decimal point is not."""
+    rds.mset({f"{key_prefix}1": "150000", f"{key_prefix}2": "1.50"})
+    initialized("sync", "--value-format", "cents")
+    _, _, checks = health_json(initialized, "--value-format", "cents")
+    assert "1 of 2 sampled" in checks["invalid_values"]["detail"]
+    assert "whole number of cents" in checks["invalid_values"]["detail"]
 
 
 @pytest.mark.parametrize(
@@ -272,7 +315,7 @@ def test_redis_unreachable_exits_3_with_the_report(initialized: Balsync) -> None
     assert not checks["redis"]["ok"]
     assert "unavailable" in checks["redis"]["detail"]
     assert "hunter2" not in result.stdout
-    for name in ("eviction_policy", "key_ttl", "memory", "redis_restart"):
+    for name in ("eviction_policy", "key_ttl", "invalid_values", "memory", "redis_restart"):
         assert checks[name] == {
             "name": name,
             "ok": False,

@@ -128,12 +128,13 @@ def test_writer_adjust_is_exact_and_atomic(rds, key_prefix, writer):
     writer.set(1, "0.10")
     assert writer.adjust(1, "0.20") == Decimal("0.30")
     assert rds.get(f"{key_prefix}1") == b"0.30"
+    writer.set(2, "0")
     assert writer.adjust(2, Decimal("-1.5")) == Decimal("-1.50")
     assert rds.smembers(dirty_keys(key_prefix)[0]) == {b"1", b"2"}
 
 
-def test_writer_cents_uses_incrby(rds, key_prefix):
-    """In cents, adjust() is one INCRBY: exact integers."""
+def test_writer_cents_adjusts_whole_cents(rds, key_prefix):
+    """In cents, adjust() adds whole minor units exactly, as INCRBY would."""
     cents = BalanceWriter(rds, prefix=key_prefix, value_format="cents")
     cents.set(1, "1500.00")
     assert rds.get(f"{key_prefix}1") == b"150000"
