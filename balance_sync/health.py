@@ -22,6 +22,7 @@ from balance_sync.errors import (
 )
 from balance_sync.pg_store import Database, RunRecord
 from balance_sync.redis_store import RedisStore, ServerInfo
+from balance_sync.retention import bookkeeping_size, format_bytes
 from balance_sync.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class _Probe:
                 ("key_ttl", self.key_ttl),
                 ("memory", self.memory),
                 ("redis_restart", self.redis_restart),
+                ("bookkeeping", self.bookkeeping),
             )
         )
         return HealthReport(checks, self.redis_error, self.postgres_error)
@@ -248,6 +250,17 @@ class _Probe:
             ok=True,
             detail=f"the last successful sync (run {last.id}, {last.status}) finished {ago} ago",
         )
+
+    def bookkeeping(self) -> Check:
+        self._require_schema()
+        size = bookkeeping_size(self.db, self.settings)
+        detail = (
+            f"balsync's tables hold about {size.rows:,} rows in {format_bytes(size.bytes)}; "
+            f"retention: {size.retention.describe()}"
+        )
+        if size.warning:
+            return Check("bookkeeping", ok=False, detail=f"{detail}: {size.warning}")
+        return Check("bookkeeping", ok=True, detail=detail)
 
     # -- risks to money in Redis ----------------------------------------------------------
 

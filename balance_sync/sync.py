@@ -27,6 +27,7 @@ from balance_sync.pg_store import (
     TargetTable,
 )
 from balance_sync.redis_store import RedisStore
+from balance_sync.retention import prune_after_sync
 from balance_sync.settings import Settings
 from balance_sync.validation import (
     InvalidRecord,
@@ -80,6 +81,7 @@ class SyncResult:
     reason: str = ""  # why a run was skipped, in words
     conflicts: int = 0  # rows changed behind balsync's back, kept or resolved
     held: int = 0  # rows not overwritten because Redis restarted
+    pruned: dict[str, int] = field(default_factory=dict)  # bookkeeping rows deleted, by table
 
     def counters(self) -> dict[str, int]:
         """The counters as stored in the run record."""
@@ -91,7 +93,7 @@ class SyncResult:
     def to_json(self) -> dict[str, object]:
         """SPEC's sync object, nothing more."""
         data = asdict(self)
-        for extra in ("reason", "conflicts", "held"):
+        for extra in ("reason", "conflicts", "held", "pruned"):
             del data[extra]
         data["duration_s"] = round(self.duration_s, 3)
         return data
@@ -186,6 +188,8 @@ def run_sync(
             control.finish_run(
                 result.run_id, result.status, result.counters(), result.duration_s, None
             )
+            # Still under the table's lock; bounded in time, and never fails the sync.
+            result.pruned = prune_after_sync(control, settings, lock)
         log.info(
             "sync %s: %d processed, %d inserted, %d updated, %d unchanged, %d skipped",
             result.status,

@@ -29,6 +29,7 @@ CHECKS = [
     "key_ttl",
     "memory",
     "redis_restart",
+    "bookkeeping",
 ]
 FAST = ("--retry-timeout", "0.3")
 
