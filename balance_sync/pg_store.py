@@ -1444,7 +1444,12 @@ class Bookkeeping:
 
     def __init__(self, db: Database, table: TableName) -> None:
         self.db = db
-        self.key = str(table)
+        self.table = table
+        self.key = str(table)  # as sync_runs.target_table records it
+
+    def target_exists(self) -> bool:
+        """True while the target table exists (a dropped one has runs, but no lock)."""
+        return self.db.call(lambda conn: _relation_exists(conn, self.table))
 
     def cutoff(self, seconds: float) -> datetime:
         """The server's time `seconds` ago: what is older than it may go."""

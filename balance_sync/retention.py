@@ -63,6 +63,8 @@ class Retention:
 
     def describe(self) -> str:
         """The policy in words, for logs and reports."""
+        if self.runs_s is None and self.records_s is None:
+            return "off: everything is kept"
         return (
             f"runs {_period(self.runs_s)}, skipped records and conflicts {_period(self.records_s)}"
         )
@@ -130,7 +132,8 @@ def run_prune(settings: Settings, options: PruneOptions) -> PruneResult:
     """Prune the target table's bookkeeping to the policy (or `older_than`), under its lock.
 
     Counts what it would delete first, then deletes it all, however long that takes; each
-    statement stays small. A dry run takes no lock and only counts. Returns status `skipped`
+    statement stays small. A dry run takes no lock and only counts; neither does a prune of
+    a table that no longer exists. Returns status `skipped`
     when another run holds the lock. Raises SchemaMissing before `init-db`.
     """
     retention = Retention.of(settings)
@@ -141,16 +144,17 @@ def run_prune(settings: Settings, options: PruneOptions) -> PruneResult:
     try:
         db.require_schema()
         result = PruneResult("success", options.dry_run, str(settings.table), retention)
+        books = Bookkeeping(db, settings.table)
         lock = None
-        if not options.dry_run:
-            target = db.describe_target(settings)
-            lock = RunLock(db, target.table)
+        # A table that no longer exists has no lock, and no sync that could need one.
+        if not options.dry_run and books.target_exists():
+            lock = RunLock(db, settings.table)
             if not lock.acquire(0):
                 result.status, result.reason = "skipped", LOCK_HELD
                 log.info("prune skipped: %s on %s", LOCK_HELD, settings.table)
                 return result
         try:
-            _Pruning(Bookkeeping(db, settings.table), result, lock, None).run(count=True)
+            _Pruning(books, result, lock, None).run(count=True)
         finally:
             if lock is not None:
                 lock.release()

@@ -339,9 +339,13 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
     if ping_url and urlsplit(ping_url).scheme not in ("http", "https"):
         # The URL itself is not printed: its path is often the check's secret token.
         raise ConfigError("invalid ping URL: it must start with http:// or https://")
-    keep_runs = _retention(pick("keep_runs", "BALSYNC_KEEP_RUNS"), "keep runs", DEFAULT_KEEP_RUNS)
+    keep_runs = _retention(
+        pick("keep_runs", "BALSYNC_KEEP_RUNS"), "--keep-runs/BALSYNC_KEEP_RUNS", DEFAULT_KEEP_RUNS
+    )
     keep_skipped = _retention(
-        pick("keep_skipped", "BALSYNC_KEEP_SKIPPED"), "keep skipped", DEFAULT_KEEP_SKIPPED
+        pick("keep_skipped", "BALSYNC_KEEP_SKIPPED"),
+        "--keep-skipped/BALSYNC_KEEP_SKIPPED",
+        DEFAULT_KEEP_SKIPPED,
     )
     _check_retention(keep_runs, keep_skipped)
     redis_url, cluster = cluster_url(

@@ -25,6 +25,7 @@ Conn = psycopg.Connection[tuple[object, ...]]
 TABLE = TableName("user_balances")
 HOURS = 365 * 24
 BOOKKEEPING = ("sync_runs", "skipped_records", "conflicts", "run_batches")
+OFF = {"BALSYNC_KEEP_RUNS": "off", "BALSYNC_KEEP_SKIPPED": "off"}
 
 
 def generate_year(pg: Conn, *, restart_days_ago: int | None = 200, every: int = 24) -> None:
@@ -222,6 +223,7 @@ def test_retention_off_prunes_nothing(initialized: Balsync, pg: Conn) -> None:
     data = prune_json(initialized, "--keep-runs", "off", "--keep-skipped", "off")
     assert data["found"] is None
     assert (data["keep_runs"], data["keep_skipped"]) == (None, None)
+    assert "everything is kept" in initialized.ok("prune", env=OFF).stdout
     initialized.ok("sync", env={"BALSYNC_KEEP_RUNS": "0", "BALSYNC_KEEP_SKIPPED": "off"})
     assert {k: v for k, v in counts(pg).items() if k != "sync_runs"} == {
         k: v for k, v in before.items() if k != "sync_runs"
@@ -264,6 +266,15 @@ def test_human_output_lists_each_table(initialized: Balsync, pg: Conn) -> None:
     for name in BOOKKEEPING:
         assert f"balsync.{name}" in result.stdout
     assert "90d" in result.stdout
+
+
+def test_runs_of_a_table_that_no_longer_exists_are_pruned(initialized: Balsync, pg: Conn) -> None:
+    """`prune --table NAME` prunes the records of a dropped table: no lock is needed there."""
+    generate_year(pg)
+    pg.execute("UPDATE balsync.sync_runs SET target_table = 'dropped'")
+    assert prune_json(initialized)["deleted"] == dict.fromkeys(BOOKKEEPING, 0)
+    data = prune_json(initialized, "--table", "dropped")
+    assert data["deleted"]["sync_runs"] > 250  # type: ignore[index]
 
 
 def test_prune_before_init_db_exits_5(balsync: Balsync) -> None:
@@ -370,15 +381,14 @@ def test_health_and_stats_warn_when_retention_is_off_and_tables_are_large(
     rds.set(f"{key_prefix}1", "1.00")
     initialized.ok("sync")
     monkeypatch.setattr(retention, "LARGE_BYTES", 0)
-    off = {"BALSYNC_KEEP_RUNS": "off", "BALSYNC_KEEP_SKIPPED": "off"}
-    health = initialized("health", "--json", env=off)
+    health = initialized("health", "--json", env=OFF)
     assert health.exit_code == 1
     check = {c["name"]: c for c in json.loads(health.stdout)["checks"]}["bookkeeping"]
     assert not check["ok"]
     assert "retention is off" in check["detail"]
-    stats = json.loads(initialized.ok("stats", "--json", env=off).stdout)
+    stats = json.loads(initialized.ok("stats", "--json", env=OFF).stdout)
     assert "balsync prune" in stats["bookkeeping"]["warning"]
-    human = initialized.ok("stats", env=off)
+    human = initialized.ok("stats", env=OFF)
     assert "balsync.sync_runs" in human.stdout
     assert "retention is off" in human.stdout
     assert initialized("health").exit_code == 0  # with the default policy: no warning
