@@ -1373,6 +1373,7 @@ def _store_skipped(conn: Connection, run_id: int, records: Sequence[InvalidRecor
 # them itself, a batch at a time, so that deleting a run never cascades into a huge statement.
 RUN_CHILDREN = ("skipped_records", "conflicts", "run_batches")
 AGED_CHILDREN = ("skipped_records", "conflicts")  # those with a recorded_at of their own
+RETENTION_INDEXES = ("skipped_records_recorded", "conflicts_recorded")  # see _BOOKKEEPING
 
 # The runs of a target table that are never pruned, whatever their age: the ones health,
 # stats, status, `--min-interval`, the restart guard and the default views of `skipped`
@@ -1450,6 +1451,18 @@ class Bookkeeping:
     def target_exists(self) -> bool:
         """True while the target table exists (a dropped one has runs, but no lock)."""
         return self.db.call(lambda conn: _relation_exists(conn, self.table))
+
+    def indexed(self) -> bool:
+        """True when `init-db` has added the indexes retention deletes by; without them a
+        batch would sort a whole table, every batch."""
+        row = self.db.call(
+            lambda conn: conn.execute(
+                """SELECT bool_and(to_regclass(%s || '.' || name) IS NOT NULL)
+                   FROM unnest(%s::text[]) AS name""",
+                (SCHEMA, list(RETENTION_INDEXES)),
+            ).fetchone()
+        )
+        return bool(row and row[0])
 
     def cutoff(self, seconds: float) -> datetime:
         """The server's time `seconds` ago: what is older than it may go."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+from balance_sync.errors import SchemaMissing
 from balance_sync.pg_store import (
     AGED_CHILDREN,
     RUN_CHILDREN,
@@ -197,6 +198,11 @@ class _Pruning:
         if retention.runs_s is None and retention.records_s is None:
             log.info("retention is off for %s: nothing is pruned", result.table)
             return
+        if not books.indexed():
+            raise SchemaMissing(
+                "balsync's schema predates retention: its indexes are missing",
+                "run `balsync init-db` again as the database owner; pruning waits until then",
+            )
         kept = books.kept_runs()
         result.kept_runs = len(kept)
         records = None if retention.records_s is None else books.cutoff(retention.records_s)

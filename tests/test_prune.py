@@ -371,6 +371,25 @@ def test_a_failing_prune_command_exits_5(
     assert "deletes refused" in result.stderr
 
 
+def test_without_the_indexes_of_init_db_nothing_is_pruned(
+    initialized: Balsync, pg: Conn, rds: redis.Redis, key_prefix: str
+) -> None:
+    """Before `init-db` adds its indexes, prune says to run it and a sync only warns."""
+    generate_year(pg)
+    pg.execute("DROP INDEX balsync.conflicts_recorded")
+    before = counts(pg)
+    result = initialized("prune")
+    assert result.exit_code == 5
+    assert "balsync init-db" in result.stderr
+    rds.set(f"{key_prefix}1", "10.00")
+    synced = initialized("sync", "--accept-redis-restart")
+    assert synced.exit_code == 0, synced.stderr
+    assert "pruning waits" in synced.stderr
+    assert counts(pg)["skipped_records"] == before["skipped_records"]
+    initialized.ok("init-db")
+    assert prune_json(initialized)["deleted"]["skipped_records"] > 0  # type: ignore[index]
+
+
 # -- health and stats show the size -------------------------------------------------------------
 
 
