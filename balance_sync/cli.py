@@ -723,7 +723,7 @@ class Duration(click.ParamType[float]):
 def prune(*, settings: Settings, output: Output, older_than: float | None, dry_run: bool) -> int:
     """Delete balsync's own records older than the retention policy, now.
 
-    A sync prunes after every successful run already, for at most 20 s; this command is
+    Every sync that finishes (success or partial) prunes already, for at most 20 s; this command is
     for an operator's own schedule, or once after an upgrade with years of records. It
     counts what it would delete per table, then deletes it all, in batches of 5000 rows.
     Run records go after --keep-runs (default 90d), skipped records and conflicts after
@@ -772,7 +772,8 @@ def health(*, settings: Settings, output: Output, max_age: float) -> int:
     version), balsync's schema and the target table present, the last successful sync
     younger than --max-age, and what operators miss: a maxmemory-policy that can evict
     balance keys, balance keys carrying a TTL (a sample of 1000), Redis memory above 90%
-    of maxmemory, Redis restarted since the last successful sync.
+    of maxmemory, Redis restarted since the last successful sync, and the size of
+    balsync's own tables (degraded when retention is off and they pass 1 GiB).
 
     Exit 0 healthy, 1 degraded (a check failed), 3 Redis unreachable, 4 PostgreSQL
     unreachable (after --retry-timeout); the report is printed in every case.
@@ -808,8 +809,9 @@ def stats(*, settings: Settings, output: Output, runs: int) -> int:
 
     The last run in full; a table and a bar chart of the last N runs; runs, failures
     and p50/p95 duration over 24 h; balance keys in Redis (counted with SCAN), rows and
-    the exact sum of balances in PostgreSQL, Redis memory. Changes nothing. In --json
-    the sum is a decimal string, never a float.
+    the exact sum of balances in PostgreSQL, Redis memory, and the rows and bytes of
+    balsync's own tables with the retention policy. Changes nothing. In --json the sum is
+    a decimal string, never a float.
 
     \b
     Examples:

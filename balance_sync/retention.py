@@ -58,13 +58,18 @@ class Retention:
         return cls(settings.keep_runs, settings.keep_skipped)
 
     @property
-    def off(self) -> bool:
+    def enabled(self) -> bool:
+        """True when some kind of record is pruned."""
+        return self.runs_s is not None or self.records_s is not None
+
+    @property
+    def keeps_for_ever(self) -> bool:
         """True when some kind of record is kept for ever."""
         return self.runs_s is None or self.records_s is None
 
     def describe(self) -> str:
         """The policy in words, for logs and reports."""
-        if self.runs_s is None and self.records_s is None:
+        if not self.enabled:
             return "off: everything is kept"
         return (
             f"runs {_period(self.runs_s)}, skipped records and conflicts {_period(self.records_s)}"
@@ -134,8 +139,8 @@ def run_prune(settings: Settings, options: PruneOptions) -> PruneResult:
 
     Counts what it would delete first, then deletes it all, however long that takes; each
     statement stays small. A dry run takes no lock and only counts; neither does a prune of
-    a table that no longer exists. Returns status `skipped`
-    when another run holds the lock. Raises SchemaMissing before `init-db`.
+    a table that no longer exists. Returns status `skipped` when another run holds the
+    lock. Raises SchemaMissing before `init-db`.
     """
     retention = Retention.of(settings)
     if options.older_than is not None:
@@ -170,10 +175,7 @@ def prune_after_sync(db: Database, settings: Settings, lock: RunLock | None) -> 
 
     Never fails the sync: a failure is a warning, and the next run tries again.
     """
-    retention = Retention.of(settings)
-    if retention.runs_s is None and retention.records_s is None:
-        return _zeros()
-    result = PruneResult("success", False, str(settings.table), retention)
+    result = PruneResult("success", False, str(settings.table), Retention.of(settings))
     try:
         _Pruning(Bookkeeping(db, settings.table), result, lock, AFTER_SYNC_SECONDS).run()
     except Exception as exc:  # the sync succeeded; its bookkeeping can wait for the next run
@@ -195,7 +197,7 @@ class _Pruning:
     def run(self, *, count: bool = False) -> None:
         """Find the cutoffs and the kept runs, count if asked, then delete (unless a dry run)."""
         books, result, retention = self.books, self.result, self.result.retention
-        if retention.runs_s is None and retention.records_s is None:
+        if not retention.enabled:
             log.info("retention is off for %s: nothing is pruned", result.table)
             return
         if not books.indexed():
@@ -225,7 +227,9 @@ class _Pruning:
         if runs is not None:
             self._delete_old_runs(runs, kept)
         result.duration_s = time.monotonic() - self.started
-        log.info(
+        busy = any(result.deleted.values()) or not result.complete
+        log.log(
+            logging.INFO if busy else logging.DEBUG,  # an hourly line of zeros says nothing
             "pruned %s of %s in %.2fs%s",
             _counts(result.deleted),
             result.table,
@@ -305,7 +309,7 @@ class BookkeepingSize:
     def warning(self) -> str:
         """Why these tables need attention (retention off and they are large), or ''."""
         prunable = sum(t.bytes for t in self.tables if t.name in PRUNED_TABLES)
-        if not self.retention.off or prunable <= LARGE_BYTES:
+        if not self.retention.keeps_for_ever or prunable <= LARGE_BYTES:
             return ""
         return (
             f"retention is off ({self.retention.describe()}) and run records, skipped "

@@ -14,10 +14,12 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from balance_sync import retention
 from balance_sync.pg_store import Database
-from balance_sync.settings import TableName, duration_text, parse_duration
+from balance_sync.settings import DURATION_UNITS, TableName, duration_text, parse_duration
 from tests.conftest import Balsync
 from tests.test_metrics import Metrics
 
@@ -424,6 +426,24 @@ def test_durations_have_a_unit(text: str, seconds: float) -> None:
     """s, m, h, d and w; the canonical text comes back in the largest unit."""
     assert parse_duration(text) == seconds
     assert parse_duration(duration_text(seconds)) == seconds
+
+
+@given(st.integers(1, 99_999), st.sampled_from(sorted(DURATION_UNITS)))
+def test_any_whole_number_with_a_unit_parses_and_prints_back(number: int, unit: str) -> None:
+    """N<unit> is N times the unit; its canonical text parses to the same seconds."""
+    seconds = parse_duration(f"{number}{unit}")
+    assert seconds == number * DURATION_UNITS[unit]
+    assert parse_duration(duration_text(seconds)) == seconds
+
+
+@given(st.text(max_size=8))
+def test_anything_else_is_refused(text: str) -> None:
+    """Text that is not digits then one unit letter raises ValueError, never parses."""
+    body, unit = text[:-1], text[-1:]
+    if body.isascii() and body.isdigit() and not body.startswith("0") and unit in DURATION_UNITS:
+        return
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
 
 
 @pytest.mark.parametrize("text", ["90", "1.5d", "-3d", "0d", "3x", "d", " 9d", "9 d", "9D"])
