@@ -1397,6 +1397,15 @@ _KEPT_RUNS: LiteralString = """
            WHERE r.target_table = %(table)s
              AND EXISTS (SELECT 1 FROM balsync.conflicts c WHERE c.run_id = r.id)
            ORDER BY r.id DESC LIMIT 1)"""
+# Foreign keys to balsync.sync_runs from tables other than a run's own records.
+_REFERRING: LiteralString = """
+    SELECT n.nspname, t.relname, a.attname
+    FROM pg_constraint c
+    JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+    WHERE c.contype = 'f' AND c.confrelid = 'balsync.sync_runs'::regclass
+      AND cardinality(c.conkey) = 1
+      AND NOT (n.nspname = 'balsync' AND t.relname = ANY(%s::text[]))"""
 _OLD_RUNS: LiteralString = """SELECT id FROM balsync.sync_runs
     WHERE target_table = %(table)s AND started_at < %(cutoff)s AND id <> ALL(%(kept)s::bigint[])"""
 # Records older than the cutoff of the table's runs that are not kept, oldest first.
@@ -1475,9 +1484,20 @@ class Bookkeeping:
         return row[0]  # type: ignore[no-any-return]
 
     def kept_runs(self) -> list[int]:
-        """The ids of the runs that are never pruned by age (see _KEPT_RUNS)."""
-        rows = self.db.call(lambda conn: conn.execute(_KEPT_RUNS, {"table": self.key}).fetchall())
-        return sorted(int(r[0]) for r in rows)
+        """The ids of the runs that are never pruned by age: those of _KEPT_RUNS, and any run
+        a table other than a run's own records refers to (deleting it would cascade there or
+        fail), such as a table of trusted Redis identities."""
+
+        def run(conn: Connection) -> list[int]:
+            kept = {int(r[0]) for r in conn.execute(_KEPT_RUNS, {"table": self.key})}
+            for schema, table, column in conn.execute(_REFERRING, (list(RUN_CHILDREN),)):
+                referred = sql.SQL("SELECT DISTINCT {c} FROM {t} WHERE {c} IS NOT NULL").format(
+                    c=sql.Identifier(column), t=sql.Identifier(schema, table)
+                )
+                kept.update(int(r[0]) for r in conn.execute(referred))
+            return sorted(kept)
+
+        return self.db.call(run)
 
     def count_aged(self, child: str, cutoff: datetime, kept: list[int]) -> int:
         """Rows of `child` older than `cutoff`, of runs that are not kept."""

@@ -7,8 +7,9 @@ index, bounded in time after a sync, so that a large backlog is worked off over 
 runs without long locks or a burst of WAL.
 
 Whatever their age, these are never pruned: balsync.written (the memory of written values)
-and every table not named in pg_store.RUN_CHILDREN, runs still marked running, and the
-runs the guards and the operator views read (pg_store._KEPT_RUNS) with all their records.
+and every table not named in pg_store.RUN_CHILDREN, runs still marked running, the runs
+the guards and the operator views read (pg_store._KEPT_RUNS) and runs another table refers
+to, with all their records.
 """
 
 from __future__ import annotations

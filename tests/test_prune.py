@@ -187,6 +187,28 @@ def test_a_year_is_pruned_to_the_policy_and_what_the_guards_read_survives(
     assert after["conflicts"] == 2 * 2
 
 
+def test_a_run_another_table_refers_to_is_kept(initialized: Balsync, pg: Conn) -> None:
+    """A table of balsync's that refers to an old run (as one of trusted Redis identities
+    may) keeps that run, and prune never deletes from it."""
+    generate_year(pg)
+    pg.execute(
+        """CREATE TABLE balsync.redis_trust (
+               target_table text PRIMARY KEY,
+               run_id bigint REFERENCES balsync.sync_runs (id) ON DELETE CASCADE,
+               redis_run_id text NOT NULL)"""
+    )
+    pg.execute(
+        """INSERT INTO balsync.redis_trust
+           SELECT 'user_balances', min(id), 'trusted' FROM balsync.sync_runs"""
+    )
+    prune_json(initialized)
+    row = pg.execute(
+        """SELECT t.redis_run_id, r.started_at < now() - interval '364 days'
+           FROM balsync.redis_trust t JOIN balsync.sync_runs r ON r.id = t.run_id"""
+    ).fetchone()
+    assert row == ("trusted", True)
+
+
 def test_a_second_prune_deletes_nothing(initialized: Balsync, pg: Conn) -> None:
     """Pruned once, the records are at the policy: a second prune finds and deletes nothing."""
     generate_year(pg)
