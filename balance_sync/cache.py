@@ -93,7 +93,15 @@ def clear_cache(settings: Settings, options: ClearOptions) -> ClearResult:
             log.info("clear-cache skipped: %s on %s", result.reason, settings.table)
             return result
         redis = session.redis
-        clearing = _Clearing(settings, options, redis, session.db, session.target, session.lock)
+        clearing = _Clearing(
+            settings,
+            options,
+            redis,
+            session.db,
+            session.target,
+            session.lock,
+            remembered=session.db.schema_present(),
+        )
         before = None if options.dry_run else redis.used_memory()
         if options.dry_run:
             result.memory_freed_bytes = 0  # summed page by page; None once unknown
@@ -132,6 +140,7 @@ class _Clearing:
     db: Database
     target: TargetTable
     lock: RunLock | None  # None in a dry run
+    remembered: bool = False  # balsync's schema exists: it remembers what it wrote
 
     def clear_page(self, keys: list[bytes], result: ClearResult) -> None:
         """Clear one SCAN page (a dry run: count it, and the memory it would free)."""
@@ -161,6 +170,12 @@ class _Clearing:
             return
         self.lock.holder_pid()  # raises LockLost if a sync took the table meanwhile
         deleted = self.redis.delete_if_unchanged([(c.key, c.raw) for c in doomed])
+        if self.remembered:
+            # Removed on purpose: after a Redis restart their absence is no sign of loss.
+            self.db.mark_cleared(
+                self.target.table,
+                [c.telegram_id for c, gone in zip(doomed, deleted, strict=True) if gone],
+            )
         for candidate, gone in zip(doomed, deleted, strict=True):
             if gone:
                 result.deleted += 1

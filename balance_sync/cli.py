@@ -328,10 +328,15 @@ def init_db(*, settings: Settings, output: Output) -> int:
     "--force still scans every key.",
 )
 @click.option(
+    "--ids",
+    metavar="ID,ID,...",
+    help="With --on-conflict: resolve only these ids' conflicts; the others stay held.",
+)
+@click.option(
     "--accept-redis-restart",
     is_flag=True,
-    help="Redis restarted since the last sync and you checked it holds the right balances: "
-    "let this run overwrite rows again, and trust this Redis from now on.",
+    help="Redis restarted and you checked that it holds the right balances: Redis wins "
+    "for the held rows, and this Redis is trusted from now on.",
 )
 @command
 def sync(
@@ -347,6 +352,7 @@ def sync(
     on_conflict: OnConflict,
     accept_redis_restart: bool,
     incremental: bool,
+    ids: str | None,
 ) -> int:
     """Copy every balance from Redis into PostgreSQL, in batches.
 
@@ -364,10 +370,22 @@ def sync(
 
     A row changed in PostgreSQL behind balsync's back (an admin correction) is a conflict:
     kept and listed by `balsync conflicts` (exit 1) unless --on-conflict says otherwise.
-    After a Redis restart no row is overwritten (new ids are still inserted) until a run
-    with --accept-redis-restart, since Redis may have come back empty or from an old
-    snapshot; `balsync restore` puts PostgreSQL's balances back into Redis.
+
+    After a Redis restart or failover no row that differs is overwritten (new ids are
+    still inserted), since Redis may have come back empty or from an old snapshot. The
+    restart stays pending, across runs, until a full sync finds every balance balsync
+    remembers agreeing, or the operator decides:
+
+    \b
+      balsync restore                   # PostgreSQL's value into keys missing from Redis
+      balsync sync --on-conflict db     # PostgreSQL wins: its value into each held key
+      balsync sync --accept-redis-restart   # Redis wins: trust it, overwrite held rows
     """
+    if ids is not None and on_conflict == "skip":
+        raise ConfigError(
+            "--ids without --on-conflict does nothing",
+            "--ids chooses the conflicts that --on-conflict redis|db resolves",
+        )
     options = SyncOptions(
         dry_run=dry_run,
         force=force,
@@ -378,6 +396,7 @@ def sync(
         on_conflict=on_conflict,
         accept_redis_restart=accept_redis_restart,
         incremental=incremental,
+        resolve_ids=None if ids is None else frozenset(parse_ids(ids)),
     )
     progress = render.SyncProgress(enabled=not (output.json or output.quiet))
     try:

@@ -51,3 +51,9 @@ class CrontabError(BalsyncError):
     """The user's crontab cannot be read or written: no crontab command, or a broken block."""
 
     exit_code = 5
+
+
+class RedisChanged(BalsyncError):
+    """The Redis server changed during a run (a restart or failover): it stopped writing."""
+
+    exit_code = 3

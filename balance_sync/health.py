@@ -22,6 +22,7 @@ from balance_sync.errors import (
 )
 from balance_sync.pg_store import Database, RunRecord
 from balance_sync.redis_store import RedisStore, ServerInfo
+from balance_sync.restart_guard import restart_pending
 from balance_sync.retention import bookkeeping_size, format_bytes
 from balance_sync.settings import Settings
 
@@ -340,6 +341,18 @@ class _Probe:
         info = self._server()
         self._require_schema()
         up = f"up {format_duration(info.uptime_s)}, run_id {info.run_id}"
+        # A failover lands on a server that may have been up for days: its run_id tells.
+        if restart_pending(self.redis, self.db, self.settings.table):
+            trusted = self.db.trusted_redis(self.settings.table) or "none recorded"
+            return Check(
+                "redis_restart",
+                ok=False,
+                detail=f"Redis run_id is {info.run_id}, not {trusted} as balsync trusts: it "
+                "restarted or failed over since. Restart pending: syncs overwrite no row that "
+                "differs from Redis until a full sync finds every remembered balance agreeing "
+                "(`balsync restore` puts missing keys back), or `balsync sync --on-conflict "
+                "db` (PostgreSQL wins) or `--accept-redis-restart` (Redis wins) decides",
+            )
         last = self.last
         if last is None or last.age_s is None:
             return Check(
@@ -355,16 +368,6 @@ class _Probe:
                 f"{info.run_id}), after the last successful sync finished "
                 f"{format_duration(last.age_s)} ago: balances written in between are lost "
                 "unless Redis persisted them; compare `balsync stats` key and row counts",
-            )
-        # A failover lands on a server that may have been up for days: its run_id tells.
-        trusted = self.db.redis_baseline(self.settings.table)
-        if trusted is not None and trusted != info.run_id:
-            return Check(
-                "redis_restart",
-                ok=False,
-                detail=f"Redis run_id is {info.run_id}, not {trusted} as at the last trusted "
-                "sync: it restarted or failed over since; until `balsync sync "
-                "--accept-redis-restart`, syncs overwrite no row that differs from Redis",
             )
         return Check(
             "redis_restart",

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, LiteralString, TypeVar
@@ -50,8 +50,15 @@ MIN_ATTEMPT_DEADLINE = 30.0
 UNKNOWN_ID = "unknown id: no such row, and the table takes no inserts"
 # How a row of balsync.written is replaced: its last written value, whoever wrote it first.
 _REMEMBER: LiteralString = (
-    "ON CONFLICT (target_table, telegram_id) DO UPDATE SET balance = EXCLUDED.balance"
+    "ON CONFLICT (target_table, telegram_id) DO UPDATE SET balance = EXCLUDED.balance,"
+    " cleared = false"
 )
+
+# sync_runs.target_table as a regclass: `name` or `schema.name`, each part as written.
+_QUOTED_RUN_TABLE: LiteralString = """CASE WHEN strpos(r.target_table, '.') > 0
+    THEN quote_ident(split_part(r.target_table, '.', 1)) || '.'
+         || quote_ident(split_part(r.target_table, '.', 2))
+    ELSE quote_ident(r.target_table) END"""
 
 _BOOKKEEPING: list[LiteralString] = [
     "CREATE SCHEMA IF NOT EXISTS balsync",
@@ -124,6 +131,38 @@ _BOOKKEEPING: list[LiteralString] = [
     # updates its memory on the same page, without touching the index (measured: a third
     # faster when every value changes). Pages written before this setting keep theirs.
     "ALTER TABLE balsync.written SET (fillfactor = 50)",
+    # Keys clear-cache deleted on purpose: after a Redis restart their absence is no loss.
+    "ALTER TABLE balsync.written ADD COLUMN IF NOT EXISTS cleared boolean NOT NULL DEFAULT false",
+    # The Redis server balsync trusts for each target table, and why: a server with
+    # another identity is trusted only on evidence that nothing persisted was lost.
+    """CREATE TABLE IF NOT EXISTS balsync.redis_trust (
+        target_table text PRIMARY KEY,
+        redis_id text NOT NULL,
+        reason text NOT NULL,
+        trusted_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    # The ids a run found agreeing while a restart was pending: the evidence, counted at
+    # the end of the run against every id balsync remembers. Unlogged: it lives one run.
+    """CREATE UNLOGGED TABLE IF NOT EXISTS balsync.restart_seen (
+        run_id bigint NOT NULL REFERENCES balsync.sync_runs (id) ON DELETE CASCADE,
+        telegram_id bigint NOT NULL,
+        PRIMARY KEY (run_id, telegram_id)
+    )""",
+    # Bookkeeping is keyed by the table as the catalog names it (schema.name), so every
+    # spelling of one table shares it; runs recorded under another spelling are renamed.
+    """UPDATE balsync.sync_runs r SET target_table = n.nspname || '.' || c.relname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = to_regclass("""
+    + _QUOTED_RUN_TABLE
+    + """)
+          AND r.target_table <> n.nspname || '.' || c.relname""",
+    # Before redis_trust, the last finished run recorded the server it trusted.
+    """INSERT INTO balsync.redis_trust (target_table, redis_id, reason)
+       SELECT DISTINCT ON (target_table) target_table, redis_run_id, 'migrated'
+       FROM balsync.sync_runs
+       WHERE status IN ('success', 'partial') AND redis_run_id IS NOT NULL
+       ORDER BY target_table, id DESC
+       ON CONFLICT (target_table) DO NOTHING""",
     # Retention deletes the oldest skipped records and conflicts first, a batch at a time:
     # by these indexes a batch reads only what it deletes, and a prune with nothing to do
     # reads nothing.
@@ -131,6 +170,8 @@ _BOOKKEEPING: list[LiteralString] = [
         ON balsync.skipped_records (recorded_at)""",
     "CREATE INDEX IF NOT EXISTS conflicts_recorded ON balsync.conflicts (recorded_at)",
 ]
+# The newest object of balsync's schema: where it is missing, init-db must run again.
+_NEWEST = TableName("redis_trust", "balsync")
 
 
 # balsync's advisory locks: (LOCK_CLASS, oid of the target table) per table, so every
@@ -208,6 +249,7 @@ class TargetTable:
 
 ConflictKind = Literal["changed_in_db", "redis_restarted"]
 OnConflict = Literal["skip", "redis", "db"]
+Resolution = Literal["kept", "redis", "db"]
 
 
 @dataclass(frozen=True)
@@ -219,7 +261,7 @@ class Conflict:
     redis_value: Decimal
     last_written: Decimal | None
     kind: ConflictKind
-    resolution: Literal["kept", "redis", "db"]
+    resolution: Resolution
 
 
 @dataclass(frozen=True)
@@ -228,9 +270,24 @@ class MergePolicy:
 
     on_conflict: OnConflict = "skip"
     hold_updates: bool = False  # Redis restarted: insert new ids, overwrite nothing
+    # The ids whose conflicts --on-conflict resolves (--ids); None: every id.
+    resolve_ids: frozenset[int] | None = None
     # The table was empty when the run began (a first sync) and takes inserts: a batch
     # inserts its rows straight from staging; only ids that turn out to exist are classified.
     insert_first: bool = False
+
+    def resolution(self, telegram_id: int, kind: ConflictKind) -> Resolution:
+        """What happens to a conflicting row: kept, or resolved for Redis or the database.
+
+        A row held after a Redis restart is resolved only in PostgreSQL's favour here:
+        letting Redis win is trusting the new server, which --accept-redis-restart decides.
+        """
+        chosen = self.resolve_ids is None or telegram_id in self.resolve_ids
+        if not chosen or self.on_conflict == "skip":
+            return "kept"
+        if kind == "redis_restarted" and self.on_conflict != "db":
+            return "kept"
+        return self.on_conflict
 
 
 @dataclass(frozen=True)
@@ -256,6 +313,7 @@ class Database:
         self.retry_timeout = retry_timeout
         self.deadline = max(MIN_ATTEMPT_DEADLINE, retry_timeout)
         self._conn: Connection | None = None
+        self._keys: dict[TableName, str] = {}
 
     # -- connection -------------------------------------------------------------------
 
@@ -303,6 +361,28 @@ class Database:
                 ) from exc
             raise
 
+    def key(self, table: TableName) -> str:
+        """The name balsync's bookkeeping knows `table` by: schema.name as the catalog spells
+        it, so `user_balances` and `public.user_balances` share runs, trust and memory.
+
+        A table that does not exist (yet) keeps its spelling.
+        """
+        known = self._keys.get(table)
+        if known is not None:
+            return known
+        row = self.call(
+            lambda conn: conn.execute(
+                """SELECT n.nspname || '.' || c.relname FROM pg_class c
+                   JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE c.oid = to_regclass(%s)""",
+                (_ident(table).as_string(conn),),
+            ).fetchone()
+        )
+        if row is None:
+            return str(table)
+        self._keys[table] = str(row[0])
+        return self._keys[table]
+
     # -- schema -----------------------------------------------------------------------
 
     def init_db(self, settings: Settings) -> list[str]:
@@ -345,15 +425,21 @@ class Database:
             ) from exc
 
     def schema_present(self) -> bool:
-        """True when `init-db` has created balsync's own tables."""
-        return self.call(lambda conn: _relation_exists(conn, TableName("run_batches", SCHEMA)))
+        """True when `init-db` has created balsync's own tables, in this version's form."""
+        return self.call(lambda conn: _relation_exists(conn, _NEWEST))
 
     def require_schema(self) -> None:
-        """Fail with a clear message when `init-db` has not been run."""
-        if not self.schema_present():
+        """Fail with a clear message when `init-db` has not been run (again, after an upgrade)."""
+        if self.schema_present():
+            return
+        if self.call(lambda conn: _relation_exists(conn, TableName("sync_runs", SCHEMA))):
             raise SchemaMissing(
-                "balsync's schema is missing in this database", "run `balsync init-db` first"
+                "balsync's schema in this database is from an older version",
+                "run `balsync init-db` once to upgrade it (idempotent, keeps every record)",
             )
+        raise SchemaMissing(
+            "balsync's schema is missing in this database", "run `balsync init-db` first"
+        )
 
     def describe_target(self, settings: Settings) -> TargetTable:
         """Inspect the target table: its columns, and whether new ids can be inserted."""
@@ -462,6 +548,7 @@ class Database:
 
     def start_run(self, settings: Settings) -> int:
         """Record a run that is starting; runs left 'running' by a killed process end as failed."""
+        table = self.key(settings.table)
 
         def run(conn: Connection) -> int:
             with conn.transaction():
@@ -470,13 +557,13 @@ class Database:
                        SET status = 'failed', finished_at = now(),
                            error = 'abandoned: the process ended without finishing'
                        WHERE target_table = %s AND status = 'running'""",
-                    (str(settings.table),),
+                    (table,),
                 )
                 row = conn.execute(
                     """INSERT INTO balsync.sync_runs (target_table, key_prefix, host, pid, version)
                        VALUES (%s, %s, %s, %s, %s) RETURNING id""",
                     (
-                        str(settings.table),
+                        table,
                         settings.key_prefix,
                         socket.gethostname(),
                         os.getpid(),
@@ -517,6 +604,7 @@ class Database:
                     },
                 )
                 conn.execute("DELETE FROM balsync.run_batches WHERE run_id = %s", (run_id,))
+                conn.execute("DELETE FROM balsync.restart_seen WHERE run_id = %s", (run_id,))
 
         self.call(run)
 
@@ -531,12 +619,13 @@ class Database:
 
     def last_success_age(self, table: TableName) -> float | None:
         """Seconds since the last run that finished (success or partial), or None."""
+        key = self.key(table)
         row = self.call(
             lambda conn: conn.execute(
                 """SELECT extract(epoch FROM now() - max(finished_at))::float8
                    FROM balsync.sync_runs
                    WHERE target_table = %s AND status IN ('success', 'partial')""",
-                (str(table),),
+                (key,),
             ).fetchone()
         )
         return None if row is None or row[0] is None else float(row[0])
@@ -555,6 +644,8 @@ class Database:
         policy: MergePolicy = MergePolicy(),
         key_prefix: str = "",
         reserve: Callable[[str, int], int] = lambda kind, wanted: 0,
+        before_commit: Callable[[], None] | None = None,
+        resolve_in_redis: Callable[[list[Conflict]], set[int]] | None = None,
     ) -> BatchCounts:
         """Write one batch in one transaction: COPY into staging, then a set-based merge.
 
@@ -564,7 +655,10 @@ class Database:
         None (a dry run) the transaction only counts and is rolled back. Skipped records
         (invalid first, then unknown ids) and conflicts are stored in the same transaction,
         as many as `reserve("skipped"|"conflicts", wanted)` grants: a run's caps are shared by
-        parallel writers.
+        parallel writers. `before_commit` runs last inside the transaction: raising there
+        (Redis changed under the run) commits nothing of the batch. `resolve_in_redis` gives
+        Redis the database's value for the conflicts resolved for it and says which keys it
+        really set: only those are remembered; the others stay conflicts, kept.
         """
         payload = b"".join([b"\n".join(map(b"\t".join, records)), b"\n"]) if records else b""
 
@@ -583,6 +677,8 @@ class Database:
                     counts = _merge(conn, target, policy, dry_run=run_id is None)
                 if run_id is None:
                     return counts
+                if resolve_in_redis is not None:
+                    counts = _resolved_for_db(conn, target.table, counts, resolve_in_redis)
                 conn.execute(
                     """INSERT INTO balsync.run_batches
                            (run_id, batch_no, inserted, updated, unknown, conflicts)
@@ -609,6 +705,18 @@ class Database:
                 if counts.conflicts:
                     room = reserve("conflicts", len(counts.conflicts))
                     _store_conflicts(conn, run_id, counts.conflicts[:room])
+                if policy.hold_updates:
+                    conn.execute(
+                        """INSERT INTO balsync.restart_seen (run_id, telegram_id)
+                           SELECT %s, s.id FROM pg_temp.balsync_stage s
+                           WHERE s.id <> ALL(%s::bigint[]) ON CONFLICT DO NOTHING""",
+                        (
+                            run_id,
+                            [c.telegram_id for c in counts.conflicts if c.resolution == "kept"],
+                        ),
+                    )
+                if before_commit is not None:
+                    before_commit()
                 return counts
 
         return self.call(run)
@@ -621,32 +729,72 @@ class Database:
         """
         self.call(lambda conn: _remember(conn, table, pairs))
 
-    def redis_baseline(self, table: TableName) -> str | None:
-        """The Redis run_id the last finished run trusted, or None before any."""
+    def trusted_redis(self, table: TableName) -> str | None:
+        """The identity of the Redis server balsync trusts for `table`, or None before any."""
+        key = self.key(table)
         row = self.call(
             lambda conn: conn.execute(
-                """SELECT redis_run_id FROM balsync.sync_runs
-                   WHERE target_table = %s AND status IN ('success', 'partial')
-                     AND redis_run_id IS NOT NULL
-                   ORDER BY id DESC LIMIT 1""",
-                (str(table),),
+                "SELECT redis_id FROM balsync.redis_trust WHERE target_table = %s", (key,)
             ).fetchone()
         )
         return None if row is None else str(row[0])
 
-    def trust_redis(self, run_id: int, redis_run_id: str) -> None:
-        """Record the Redis server this run read from as the one to trust from now on."""
+    def trust_redis(self, table: TableName, redis_id: str, reason: str) -> None:
+        """Trust this Redis server for `table` from now on; `reason` says on what evidence."""
+        key = self.key(table)
         self.call(
             lambda conn: conn.execute(
-                "UPDATE balsync.sync_runs SET redis_run_id = %s WHERE id = %s",
-                (redis_run_id, run_id),
+                """INSERT INTO balsync.redis_trust (target_table, redis_id, reason)
+                   VALUES (%s, %s, %s)
+                   ON CONFLICT (target_table) DO UPDATE
+                   SET redis_id = EXCLUDED.redis_id, reason = EXCLUDED.reason,
+                       trusted_at = now()""",
+                (key, redis_id, reason),
             )
         )
+
+    def remembers_any(self, table: TableName) -> bool:
+        """True when balsync remembers a written value for some row of `table`."""
+        key = self.key(table)
+        row = self.call(
+            lambda conn: conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM balsync.written WHERE target_table = %s)", (key,)
+            ).fetchone()
+        )
+        return bool(row and row[0])
+
+    def missing_after_restart(self, target: TargetTable, run_id: int) -> int:
+        """How many rows balsync remembers this run did not find agreeing in Redis: 0 is
+        the evidence that nothing persisted was lost. Keys that clear-cache removed on
+        purpose, and rows deleted from the table since, do not count."""
+        query = sql.SQL(
+            """SELECT count(*) FROM balsync.written w
+               WHERE w.target_table = %s AND NOT w.cleared
+                 AND NOT EXISTS (SELECT 1 FROM balsync.restart_seen s
+                                 WHERE s.run_id = %s AND s.telegram_id = w.telegram_id)
+                 AND EXISTS (SELECT 1 FROM {table} t WHERE t.{id} = w.telegram_id)"""
+        ).format(table=target.ident, id=sql.Identifier(target.id_column))
+        key = self.key(target.table)
+        row = self.call(lambda conn: conn.execute(query, (key, run_id)).fetchone())
+        return int(row[0]) if row else 0
+
+    def mark_cleared(self, table: TableName, ids: Sequence[int]) -> None:
+        """Remember that clear-cache deleted these keys on purpose (their values persisted)."""
+        if ids:
+            key = self.key(table)
+            self.call(
+                lambda conn: conn.execute(
+                    """UPDATE balsync.written SET cleared = true
+                       WHERE target_table = %s AND telegram_id = ANY(%s)""",
+                    (key, list(ids)),
+                )
+            )
 
     def conflicts(
         self, table: TableName, run_id: int | None, limit: int
     ) -> tuple[int | None, list[Conflict]]:
         """The conflicts of a run (default: the last run that had any) of a target table."""
+        key = self.key(table)
 
         def run(conn: Connection) -> tuple[int | None, list[Conflict]]:
             chosen = run_id
@@ -655,7 +803,7 @@ class Database:
                     """SELECT max(c.run_id) FROM balsync.conflicts c
                        JOIN balsync.sync_runs r ON r.id = c.run_id
                        WHERE r.target_table = %s""",
-                    (str(table),),
+                    (key,),
                 ).fetchone()
                 chosen = None if row is None or row[0] is None else int(row[0])
             if chosen is None:
@@ -684,34 +832,38 @@ class Database:
 
     def last_success(self, table: TableName) -> RunRecord | None:
         """The run of `table` that finished last with status success or partial, if any."""
+        key = self.key(table)
         runs = self._runs(
             _SELECT_RUNS
             + """ WHERE target_table = %s AND status IN ('success', 'partial')
                     AND finished_at IS NOT NULL
                   ORDER BY finished_at DESC LIMIT 1""",
-            (str(table),),
+            (key,),
         )
         return runs[0] if runs else None
 
     def recent_runs(self, table: TableName, limit: int) -> list[RunRecord]:
         """The last `limit` runs of `table`, newest first."""
+        key = self.key(table)
         return self._runs(
             _SELECT_RUNS + " WHERE target_table = %s ORDER BY started_at DESC, id DESC LIMIT %s",
-            (str(table), limit),
+            (key, limit),
         )
 
     def running_run(self, table: TableName) -> RunRecord | None:
         """The newest run of `table` still recorded as running (alive, or killed unrecorded)."""
+        key = self.key(table)
         runs = self._runs(
             _SELECT_RUNS
             + """ WHERE target_table = %s AND status = 'running'
                   ORDER BY started_at DESC, id DESC LIMIT 1""",
-            (str(table),),
+            (key,),
         )
         return runs[0] if runs else None
 
     def run_window(self, table: TableName, hours: int = 24) -> RunWindow:
         """Runs and failures of `table` started in the last `hours`, with duration percentiles."""
+        key = self.key(table)
         row = self.call(
             lambda conn: conn.execute(
                 """SELECT count(*), count(*) FILTER (WHERE status = 'failed'),
@@ -719,7 +871,7 @@ class Database:
                           percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_s)
                    FROM balsync.sync_runs
                    WHERE target_table = %s AND started_at > now() - make_interval(hours => %s)""",
-                (str(table), hours),
+                (key, hours),
             ).fetchone()
         )
         assert row is not None
@@ -842,6 +994,7 @@ class Database:
 
     def newest_skipping_run(self, table: TableName) -> int | None:
         """The newest run of `table` that skipped records, else its newest run, else None."""
+        key = self.key(table)
         row = self.call(
             lambda conn: conn.execute(
                 """SELECT r.id FROM balsync.sync_runs r
@@ -850,7 +1003,7 @@ class Database:
                                     WHERE s.run_id = r.id) DESC,
                             r.id DESC
                    LIMIT 1""",
-                (str(table),),
+                (key,),
             ).fetchone()
         )
         return None if row is None else int(row[0])
@@ -1176,18 +1329,16 @@ def _merge(
 ) -> BatchCounts:
     """Classify the staged batch against the table and balsync's memory, then write.
 
-    One pass over the batch finds the few rows that need anything (the delta): new ids and
-    changed balances, with what balsync last wrote for them. Everything after that touches
-    only the delta, so a batch where nothing changed costs one index lookup per id, as a
-    plain UPDATE ... FROM would.
+    One pass over the batch finds the few rows that need anything (the delta): new ids,
+    changed balances, and rows that agree with Redis but whose memory is missing or stale
+    (an adopted table, a value someone else wrote), with what balsync last wrote for
+    them. Everything after that touches only the delta.
     """
     names = _names(target)
     key = str(target.table)
     # Each lookup is a LATERAL subquery behind OFFSET 0, so it runs once per row and by
     # index whatever the statistics say: tables that were empty when last analyzed (a first
     # sync) otherwise get plans that scan them whole for every row, while they grow.
-    # The outer OFFSET 0 keeps the filter inside: balsync.written is read only for the rows
-    # that changed, never for the whole batch.
     delta = conn.execute(
         sql.SQL(
             """INSERT INTO pg_temp.balsync_delta
@@ -1197,11 +1348,11 @@ def _merge(
                      FROM pg_temp.balsync_stage s LEFT JOIN LATERAL (
                          SELECT x.{id} AS id, x.{bal} AS balance, {tid} AS tid FROM {table} x
                          WHERE x.{id} = s.id OFFSET 0) t ON true
-                     WHERE t.balance IS DISTINCT FROM s.balance
                      OFFSET 0) AS d
                LEFT JOIN LATERAL (
                    SELECT m.balance, m.ctid FROM balsync.written m
-                   WHERE m.target_table = %s AND m.telegram_id = d.id OFFSET 0) w ON true"""
+                   WHERE m.target_table = %s AND m.telegram_id = d.id OFFSET 0) w ON true
+               WHERE d.old IS DISTINCT FROM d.new OR w.balance IS DISTINCT FROM d.new"""
         ).format(tid=sql.SQL("x.ctid" if target.has_ctid else "NULL::tid"), **names),
         (key,),
     ).rowcount
@@ -1248,17 +1399,23 @@ def _merge(
     # another row by now; `IS TRUE` keeps the planner from turning that check back into an
     # index lookup. What balsync remembers is updated in place where it had a memory of the
     # row (the update stays on its page: balsync.written's fillfactor) and inserted where
-    # it had none.
+    # it had none. A row that already agrees is remembered as it stands, unwritten.
     row = conn.execute(
         sql.SQL(
             """WITH upd AS (
                    UPDATE {table} AS t SET {bal} = d.new{touch}
                    FROM pg_temp.balsync_delta d
-                   WHERE {found} AND d.present
+                   WHERE {found} AND d.present AND d.old IS DISTINCT FROM d.new
                      AND t.{bal} IS NOT DISTINCT FROM d.old
                    RETURNING t.{id} AS id, d.new AS balance, d.wtid
-               ){inserting}, remembered AS (
-                   UPDATE balsync.written w SET balance = u.balance FROM upd u
+               ){inserting}, seen AS (
+                   SELECT id, balance, wtid FROM upd
+                   UNION ALL
+                   SELECT id, new, wtid FROM pg_temp.balsync_delta
+                   WHERE present AND old IS NOT DISTINCT FROM new
+               ), remembered AS (
+                   UPDATE balsync.written w SET balance = u.balance, cleared = false
+                   FROM seen u
                    WHERE w.ctid = u.wtid AND w.target_table = %(key)s AND w.telegram_id = u.id
                ), written AS (
                    INSERT INTO balsync.written (target_table, telegram_id, balance)
@@ -1274,10 +1431,10 @@ def _merge(
                 else sql.SQL("t.{} = d.id")
             ).format(sql.Identifier(target.id_column)),
             written_rows=sql.SQL(
-                "(SELECT id, balance FROM upd WHERE wtid IS NULL"
+                "(SELECT id, balance FROM seen WHERE wtid IS NULL"
                 " UNION ALL SELECT id, balance FROM ins) AS w"
                 if target.can_insert
-                else "upd WHERE wtid IS NULL"
+                else "seen WHERE wtid IS NULL"
             ),
             inserted=sql.SQL("(SELECT count(*) FROM ins)" if target.can_insert else "0"),
             remember=sql.SQL(_REMEMBER),
@@ -1286,10 +1443,8 @@ def _merge(
         {"key": key},
     ).fetchone()
     assert row is not None
-    # The database won: its value becomes what balsync remembers as written.
-    _remember(
-        conn, target.table, [(c.telegram_id, c.db_value) for c in conflicts if c.resolution == "db"]
-    )
+    # A conflict resolved for the database is remembered only once Redis holds its value
+    # (`Database.remember`, after the compare-and-set): never on the hope that it will.
     return BatchCounts(int(row[1]), int(row[0]), unknown, conflicts)
 
 
@@ -1306,26 +1461,43 @@ def _remember(
         )
 
 
+def _resolved_for_db(
+    conn: Connection,
+    table: TableName,
+    counts: BatchCounts,
+    resolve_in_redis: Callable[[list[Conflict]], set[int]],
+) -> BatchCounts:
+    """Give Redis the database's value where the database won; remember only what was set.
+
+    Inside the batch's transaction, which writes no target row for these conflicts: if it
+    rolls back after Redis was set, Redis and PostgreSQL agree anyway.
+    """
+    wanted = [c for c in counts.conflicts if c.resolution == "db"]
+    if not wanted:
+        return counts
+    done = resolve_in_redis(wanted)
+    _remember(conn, table, [(c.telegram_id, c.db_value) for c in wanted if c.telegram_id in done])
+    conflicts = [
+        c if c.resolution != "db" or c.telegram_id in done else replace(c, resolution="kept")
+        for c in counts.conflicts
+    ]
+    return replace(counts, conflicts=conflicts)
+
+
 def _conflicts(conn: Connection, policy: MergePolicy) -> list[Conflict]:
     """Rows of the delta that differ and must not simply be overwritten."""
     rows = conn.execute(
-        """SELECT id, old, new, written, written IS NOT NULL AND written IS DISTINCT FROM old
-           FROM pg_temp.balsync_delta
-           WHERE present AND ((written IS NOT NULL AND written IS DISTINCT FROM old) OR %s)""",
+        """SELECT id, old, new, written FROM pg_temp.balsync_delta
+           WHERE present AND old IS DISTINCT FROM new
+             AND ((written IS NOT NULL AND written IS DISTINCT FROM old) OR %s)""",
         (policy.hold_updates,),
     ).fetchall()
-    found = []
-    for telegram_id, old, new, written, changed_in_db in rows:
-        if policy.hold_updates:
-            # After a Redis restart Redis may be the stale side: nothing is overwritten.
-            kind: ConflictKind = "redis_restarted"
-            resolution: Literal["kept", "redis", "db"] = "kept"
-        else:
-            assert changed_in_db
-            kind = "changed_in_db"
-            resolution = "kept" if policy.on_conflict == "skip" else policy.on_conflict
-        found.append(Conflict(int(telegram_id), old, new, written, kind, resolution))
-    return found
+    # After a Redis restart Redis may be the stale side: nothing is overwritten.
+    kind: ConflictKind = "redis_restarted" if policy.hold_updates else "changed_in_db"
+    return [
+        Conflict(int(i), old, new, written, kind, policy.resolution(int(i), kind))
+        for i, old, new, written in rows
+    ]
 
 
 def _unknown_ids(conn: Connection, target: TargetTable) -> list[int]:
@@ -1371,7 +1543,7 @@ def _store_skipped(conn: Connection, run_id: int, records: Sequence[InvalidRecor
 
 # The tables that hang off a run (ON DELETE CASCADE from balsync.sync_runs): retention deletes
 # them itself, a batch at a time, so that deleting a run never cascades into a huge statement.
-RUN_CHILDREN = ("skipped_records", "conflicts", "run_batches")
+RUN_CHILDREN = ("skipped_records", "conflicts", "run_batches", "restart_seen")
 AGED_CHILDREN = ("skipped_records", "conflicts")  # those with a recorded_at of their own
 RETENTION_INDEXES = ("skipped_records_recorded", "conflicts_recorded")  # see _BOOKKEEPING
 
@@ -1385,6 +1557,8 @@ _KEPT_RUNS: LiteralString = """
            WHERE target_table = %(table)s AND status IN ('success', 'partial')
              AND finished_at IS NOT NULL
            ORDER BY finished_at DESC LIMIT 1)
+    -- The run that recorded the trusted Redis before balsync.redis_trust held it: init-db
+    -- migrates the trust from there.
     UNION (SELECT id FROM balsync.sync_runs
            WHERE target_table = %(table)s AND status IN ('success', 'partial')
              AND redis_run_id IS NOT NULL
@@ -1455,7 +1629,7 @@ class Bookkeeping:
     def __init__(self, db: Database, table: TableName) -> None:
         self.db = db
         self.table = table
-        self.key = str(table)  # as sync_runs.target_table records it
+        self.key = db.key(table)  # as sync_runs.target_table records it
 
     def target_exists(self) -> bool:
         """True while the target table exists (a dropped one has runs, but no lock)."""

@@ -177,21 +177,22 @@ class RedisStore:
         info = self._call(partial(self.client.info, "server"))
         return str(info.get("run_id", ""))
 
-    def set_if_equal(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> int:
+    def set_if_equal(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bool]:
         """For each (key, expected, new): SET key new only if it still holds `expected`.
 
         Atomic per key (a Lua script), so a write the application makes meanwhile wins.
-        Returns how many keys were set.
+        True where the key was set. A retry after a lost reply reports keys set by the
+        first attempt as not set: the caller then believes less, never more.
         """
         if not items:
-            return 0
+            return []
 
         def send(pipe: Any, i: int) -> object:
             key, expected, new = items[i]
             return self._set_if_equal(keys=[key], args=[expected, new], client=pipe)
 
-        def run() -> int:
-            return sum(int(r) for r in self._each_key([item[0] for item in items], send))
+        def run() -> list[bool]:
+            return [int(r) == 1 for r in self._each_key([item[0] for item in items], send)]
 
         return self._call(run)
 

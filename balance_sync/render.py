@@ -89,6 +89,11 @@ def sync_table(result: SyncResult, target: str) -> Table:
     table.add_row("duration", f"{result.duration_s:.2f} s")
     if result.run_id is not None:
         table.add_row("run id", str(result.run_id))
+    if result.restart_pending:
+        held = f"{result.held:,} row(s) held"
+        if result.missing_keys:
+            held += f", {result.missing_keys:,} remembered key(s) missing"
+        table.add_row("Redis", Text(f"restart pending: {held}", style="yellow"))
     return table
 
 
@@ -496,6 +501,11 @@ def status_table(report: StatusReport) -> Table:
             f"[yellow]run {dead.id} (host {dead.host}, pid {dead.pid}, started "
             f"{_when(dead.started_at)}) is marked running but holds no lock: its process "
             "died; the next sync marks it failed[/]",
+        )
+    if report.redis_restart_pending:
+        table.add_row(
+            "Redis",
+            "[yellow]restart pending: rows that differ are held (see `balsync health`)[/]",
         )
     last = report.last_run
     if last is None:

@@ -4,7 +4,8 @@ the next ones.
 A running sync is recognised by its per-table advisory lock, as PostgreSQL sees it in
 pg_locks, and described by its backend (pg_stat_activity) and its run record (host, pid,
 start). A run record still marked running that nobody holds the lock for belongs to a
-process that died; the next sync marks it failed. Read-only; Redis is not needed.
+process that died; the next sync marks it failed. Read-only; Redis is asked only whether it is the
+server balsync trusts (a restart pending), and status works without it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from balance_sync.errors import RedisUnavailable
 from balance_sync.pg_store import Database, LockHolder, RunRecord
+from balance_sync.redis_store import RedisStore
+from balance_sync.restart_guard import restart_pending
 from balance_sync.schedule import Crontab, InstalledSchedule, installed_schedule
 from balance_sync.settings import Settings
 
@@ -29,6 +33,7 @@ class StatusReport:
     abandoned_run: RunRecord | None  # marked running, but nobody holds the lock
     last_run: RunRecord | None  # the newest run that ended
     schedule: InstalledSchedule
+    redis_restart_pending: bool | None = None  # None: Redis could not be asked
 
     @property
     def running(self) -> bool:
@@ -54,6 +59,7 @@ class StatusReport:
             "current_run": _run(self.current_run),
             "abandoned_run": _run(self.abandoned_run),
             "last_run": _run(self.last_run),
+            "redis_restart_pending": self.redis_restart_pending,
             "schedule": {
                 "crontab": self.schedule.crontab,
                 "detail": self.schedule.detail,
@@ -93,6 +99,7 @@ def collect_status(
             holder = db.lock_holder(settings.table)
         # At most one run record is ever 'running': each start marks the earlier ones failed.
         recent = db.recent_runs(settings.table, 2)
+        pending = _restart_pending(settings, db)
     finally:
         db.close()
     last = next((run for run in recent if run.status != "running"), None)
@@ -104,7 +111,20 @@ def collect_status(
         abandoned_run=running if holder is None else None,
         last_run=last,
         schedule=schedule,
+        redis_restart_pending=pending,
     )
+
+
+def _restart_pending(settings: Settings, db: Database) -> bool | None:
+    """Whether a Redis restart is pending; None when Redis does not answer (status still
+    reports the rest: it is often asked while something is down)."""
+    redis = RedisStore(settings.redis_url, min(settings.retry_timeout, 5))
+    try:
+        return restart_pending(redis, db, settings.table)
+    except RedisUnavailable:
+        return None
+    finally:
+        redis.close()
 
 
 def _iso(value: datetime | None) -> str | None:

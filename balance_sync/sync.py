@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from operator import itemgetter
 from typing import Literal
 
@@ -20,6 +21,7 @@ from balance_sync.errors import BalsyncError, PostgresUnavailable
 from balance_sync.pg_store import (
     BalanceType,
     BatchCounts,
+    Conflict,
     Database,
     MergePolicy,
     OnConflict,
@@ -27,8 +29,9 @@ from balance_sync.pg_store import (
     TargetTable,
 )
 from balance_sync.redis_store import RedisStore
+from balance_sync.restart_guard import RestartGuard
 from balance_sync.retention import prune_after_sync
-from balance_sync.settings import Settings
+from balance_sync.settings import Settings, TableName
 from balance_sync.validation import (
     InvalidRecord,
     ValidRecord,
@@ -62,6 +65,12 @@ class SyncOptions:
     accept_redis_restart: bool = False
     writers: int = DEFAULT_WRITERS
     incremental: bool = False
+    resolve_ids: frozenset[int] | None = None  # --ids: the conflicts --on-conflict resolves
+
+    @property
+    def full_scan(self) -> bool:
+        """True when the run reads every key (not only the ids marked changed)."""
+        return self.force or not self.incremental
 
 
 @dataclass
@@ -81,6 +90,9 @@ class SyncResult:
     reason: str = ""  # why a run was skipped, in words
     conflicts: int = 0  # rows changed behind balsync's back, kept or resolved
     held: int = 0  # rows not overwritten because Redis restarted
+    kept_changes: int = 0  # rows changed in PostgreSQL behind balsync's back, kept
+    restart_pending: bool = False  # the Redis read is not trusted (yet) after a restart
+    missing_keys: int = 0  # remembered ids not found agreeing while a restart is pending
     pruned: dict[str, int] = field(default_factory=dict)  # bookkeeping rows deleted, by table
 
     def counters(self) -> dict[str, int]:
@@ -93,7 +105,15 @@ class SyncResult:
     def to_json(self) -> dict[str, object]:
         """SPEC's sync object, nothing more."""
         data = asdict(self)
-        for extra in ("reason", "conflicts", "held", "pruned"):
+        for extra in (
+            "reason",
+            "conflicts",
+            "held",
+            "kept_changes",
+            "restart_pending",
+            "missing_keys",
+            "pruned",
+        ):
             del data[extra]
         data["duration_s"] = round(self.duration_s, 3)
         return data
@@ -157,34 +177,35 @@ def run_sync(
         # Keyed by the table's oid: `user_balances` and `public.user_balances` share it.
         lock = RunLock(control, target.table)
         if not options.dry_run:
-            result.reason = _gate(settings, options, control, lock)
+            result.reason = _gate(options, control, lock, target.table)
             if result.reason:
                 result.status = "skipped"
                 log.info("sync skipped: %s", result.reason)
                 return _finish(result, started)
             result.run_id = control.start_run(settings)
         try:
-            policy, redis_id = _merge_policy(options, redis, control, settings, target)
+            guard = RestartGuard.open(redis, control, target, options)
+            policy = _merge_policy(options, control, target, guard)
             if not options.dry_run:
                 # Every run claims the ids marked dirty: a full scan covers them too.
                 claimed = redis.claim_dirty(settings.key_prefix)
-                if options.incremental and not options.force:
+                if not options.full_scan:
                     log.info("incremental sync of %d changed id(s)", claimed)
             _Writing(
-                settings, options, redis, lock, target, result, on_batch, policy, writers
+                settings, options, redis, lock, target, result, on_batch, policy, guard, writers
             ).copy_all()
             if not options.dry_run:
+                guard.check()
                 redis.release_claim(settings.key_prefix)  # only now: PostgreSQL has them all
         except BaseException as exc:
             result.status = "failed"
             _record_failure(control, result, started, exc)
             raise
         result.status = "partial" if result.skipped else "success"
+        result.restart_pending, result.missing_keys = guard.conclude(result.held, result.run_id)
         _finish(result, started)
-        _explain(result, policy, options)
+        _explain(result)
         if result.run_id is not None:
-            if not result.held:
-                control.trust_redis(result.run_id, redis_id)
             control.finish_run(
                 result.run_id, result.status, result.counters(), result.duration_s, None
             )
@@ -208,12 +229,12 @@ def run_sync(
             db.close()
 
 
-def _gate(settings: Settings, options: SyncOptions, control: Database, lock: RunLock) -> str:
+def _gate(options: SyncOptions, control: Database, lock: RunLock, table: TableName) -> str:
     """Why this run must not go ahead (another one runs, or one finished recently), or ''."""
     if not lock.acquire(options.wait):
-        return f"another run holds the lock on {settings.table}"
+        return f"another run holds the lock on {table}"
     if not options.force:
-        age = control.last_success_age(settings.table)
+        age = control.last_success_age(table)
         if age is not None and age < options.min_interval:
             return (
                 f"a sync finished {age:.0f}s ago, within --min-interval "
@@ -223,44 +244,38 @@ def _gate(settings: Settings, options: SyncOptions, control: Database, lock: Run
 
 
 def _merge_policy(
-    options: SyncOptions,
-    redis: RedisStore,
-    control: Database,
-    settings: Settings,
-    target: TargetTable,
-) -> tuple[MergePolicy, str]:
-    """Hold every overwrite when Redis restarted since the last run balsync trusted; insert
-    first when the table is empty and takes inserts (a first sync)."""
-    current = redis.server_run_id()
-    baseline = control.redis_baseline(settings.table) if control.schema_present() else None
-    restarted = baseline is not None and baseline != current
-    if restarted and not options.accept_redis_restart:
-        log.warning(
-            "Redis restarted since the last sync (run_id %s… is now %s…): new ids are "
-            "inserted, but no existing row is overwritten in this run",
-            baseline[:8] if baseline else "",
-            current[:8],
-        )
-    return (
-        MergePolicy(
-            on_conflict=options.on_conflict,
-            hold_updates=restarted and not options.accept_redis_restart,
-            insert_first=not options.dry_run and target.can_insert and control.is_empty(target),
-        ),
-        current,
+    options: SyncOptions, control: Database, target: TargetTable, guard: RestartGuard
+) -> MergePolicy:
+    """Hold every overwrite while a Redis restart is pending; insert first when the table is
+    empty and takes inserts (a first sync)."""
+    return MergePolicy(
+        on_conflict=options.on_conflict,
+        hold_updates=guard.pending,
+        resolve_ids=options.resolve_ids,
+        insert_first=not options.dry_run and target.can_insert and control.is_empty(target),
     )
 
 
-def _explain(result: SyncResult, policy: MergePolicy, options: SyncOptions) -> None:
-    if result.held:
-        log.warning(
-            "%d balance(s) differ from PostgreSQL after a Redis restart and were not "
-            "overwritten (see `balsync conflicts`). If Redis lost data or came back from an "
-            "old snapshot, run `balsync restore` to put PostgreSQL's balances back; if Redis "
-            "is right, run `balsync sync --accept-redis-restart`.",
-            result.held,
+def _explain(result: SyncResult) -> None:
+    if result.restart_pending:
+        missing = (
+            f"; {result.missing_keys} remembered key(s) are missing from Redis or invalid"
+            if result.missing_keys
+            else ""
         )
-    kept = result.conflicts if policy.on_conflict == "skip" else 0
+        log.warning(
+            "Redis restart pending: %d balance(s) differ from PostgreSQL and were not "
+            "overwritten%s. Redis may have come back empty or from an old snapshot. "
+            "PostgreSQL is right: `balsync restore` puts its balances into keys missing from "
+            "Redis (SET NX, no existing key changes), and `balsync sync --on-conflict db "
+            "[--ids ID,…]` gives the differing keys PostgreSQL's value (compare-and-set); "
+            "the next full sync that finds every key agreeing trusts this Redis. Redis is "
+            "right: `balsync sync --accept-redis-restart` overwrites the held rows with "
+            "Redis's values and trusts it. See `balsync conflicts`.",
+            result.held,
+            missing,
+        )
+    kept = result.kept_changes
     if kept:
         log.warning(
             "%d row(s) were changed in PostgreSQL since balsync last wrote them and were kept "
@@ -411,6 +426,7 @@ class _Writing:
     result: SyncResult
     on_batch: Callable[[BatchReport], None] | None
     policy: MergePolicy
+    guard: RestartGuard
     writers: list[Database] = field(default_factory=list)
     mutex: threading.Lock = field(default_factory=threading.Lock)
     room: dict[str, int] = field(
@@ -490,16 +506,19 @@ class _Writing:
     def write(self, writer: Database, batch: _Batch) -> None:
         """Merge one batch on `writer` and account for it."""
         result = self.result
+        writing = not self.options.dry_run
         counts = writer.apply_batch(
             self.target,
             batch.records,
             batch.skipped,
             run_id=result.run_id,
             batch_no=batch.number,
-            lock=None if self.options.dry_run else self.lock,
+            lock=self.lock if writing else None,
             policy=self.policy,
             key_prefix=self.settings.key_prefix,
             reserve=self._reserve,
+            before_commit=self.guard.check if writing else None,
+            resolve_in_redis=partial(self._resolve_in_redis, batch) if writing else None,
         )
         for record in batch.skipped:
             log.info("skipped %s: %s", _show(record.key), record.reason)
@@ -509,7 +528,18 @@ class _Writing:
                 self.settings.key_prefix,
                 telegram_id,
             )
-        self._resolve_in_redis(batch, counts)
+        prefix = self.settings.key_prefix
+        for c in counts.conflicts:
+            log.info(
+                "conflict %s%d (%s): PostgreSQL %s, Redis %s, last written %s -> %s",
+                prefix,
+                c.telegram_id,
+                c.kind,
+                c.db_value,
+                c.redis_value,
+                c.last_written,
+                c.resolution,
+            )
         with self.mutex:
             self._account(batch, counts)
 
@@ -523,8 +553,10 @@ class _Writing:
             - len(counts.unknown_ids)
             - counts.kept
         )
+        kept = [c for c in counts.conflicts if c.resolution == "kept"]
         result.conflicts += len(counts.conflicts)
-        result.held += sum(1 for c in counts.conflicts if c.kind == "redis_restarted")
+        result.held += sum(1 for c in kept if c.kind == "redis_restarted")
+        result.kept_changes += sum(1 for c in kept if c.kind == "changed_in_db")
         result.processed += batch.keys
         result.inserted += counts.inserted
         result.updated += counts.updated
@@ -552,32 +584,31 @@ class _Writing:
         if self.on_batch is not None:
             self.on_batch(report)
 
-    def _resolve_in_redis(self, batch: _Batch, counts: BatchCounts) -> None:
-        """Log conflicts; where the database won, give Redis its value unless it moved on."""
+    def _resolve_in_redis(self, batch: _Batch, conflicts: list[Conflict]) -> set[int]:
+        """Give Redis the database's value for these conflicts, each only if the key still
+        holds what this run read (compare-and-set); the ids whose key was really set."""
         prefix = self.settings.key_prefix
-        for c in counts.conflicts:
-            log.info(
-                "conflict %s%d (%s): PostgreSQL %s, Redis %s, last written %s -> %s",
-                prefix,
-                c.telegram_id,
-                c.kind,
-                c.db_value,
-                c.redis_value,
-                c.last_written,
-                c.resolution,
-            )
-        if self.options.dry_run:
-            return
-        items = []
-        for c in counts.conflicts:
-            if c.resolution != "db" or c.telegram_id not in batch.raw:
-                continue
+        items: list[tuple[bytes, bytes, bytes]] = []
+        ids: list[int] = []
+        for c in conflicts:
             value = redis_value(str(c.db_value), self.settings.value_format)
             if isinstance(value, str):
                 log.warning("Redis key %s%d left as it is: %s", prefix, c.telegram_id, value)
                 continue
-            items.append((prefix.encode() + b"%d" % c.telegram_id, batch.raw[c.telegram_id], value))
-        self.redis.set_if_equal(items)
+            raw = batch.raw[c.telegram_id]
+            items.append((prefix.encode() + b"%d" % c.telegram_id, raw, value))
+            ids.append(c.telegram_id)
+        done = set()
+        for telegram_id, was_set in zip(ids, self.redis.set_if_equal(items), strict=True):
+            if was_set:
+                done.add(telegram_id)
+            else:
+                log.info(
+                    "Redis key %s%d changed after it was read: the conflict stays",
+                    prefix,
+                    telegram_id,
+                )
+        return done
 
 
 def _show(key: bytes) -> str:

@@ -19,11 +19,13 @@
 --   CONNECT, TEMPORARY on the database   each batch is COPYed into a temporary staging table
 --   USAGE on schema balsync              run records, batch ledger, skipped records, conflicts
 --   SELECT, INSERT, UPDATE on balsync.*  a run inserts its record and updates it as it ends
---   DELETE on balsync.run_batches        a finished run drops its batch ledger
+--   DELETE on balsync.run_batches and    a finished run drops its batch ledger
+--     balsync.restart_seen               and the evidence it gathered after a Redis restart
 --   DELETE on balsync.sync_runs, balsync.skipped_records, balsync.conflicts
 --                                        retention prunes old run records and what hangs
 --                                        off them; never balsync.written (the memory of
---                                        written values) nor any table a later init-db adds
+--                                        written values), balsync.redis_trust, nor any
+--                                        table a later init-db adds
 --   USAGE on balsync's sequences         the bigserial ids of runs, skipped records, conflicts
 --   USAGE on the target schema
 --   SELECT, INSERT, UPDATE on the table  merge: UPDATE … FROM, INSERT … ON CONFLICT
@@ -67,8 +69,8 @@ GRANT CONNECT, TEMPORARY ON DATABASE :"DBNAME" TO :"role";
 
 GRANT USAGE ON SCHEMA balsync TO :"role";
 GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA balsync TO :"role";
-GRANT DELETE ON balsync.run_batches, balsync.sync_runs, balsync.skipped_records,
-    balsync.conflicts TO :"role";
+GRANT DELETE ON balsync.run_batches, balsync.restart_seen, balsync.sync_runs,
+    balsync.skipped_records, balsync.conflicts TO :"role";
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA balsync TO :"role";
 -- Bookkeeping tables a later `balsync init-db` adds (run by the same administrator).
 ALTER DEFAULT PRIVILEGES IN SCHEMA balsync GRANT SELECT, INSERT, UPDATE ON TABLES TO :"role";

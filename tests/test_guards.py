@@ -226,13 +226,72 @@ def test_restored_keys_are_no_conflict_later(synced, rds, key_prefix, pg):
     assert balances(pg)[1] == "75.00"
 
 
-def test_an_outside_write_that_matches_redis_is_still_a_conflict_later(synced, rds, key_prefix, pg):
-    """balsync's memory follows only what it writes or restores: an outside write that
-    happens to equal Redis leaves the row marked as changed behind its back (conservative)."""
+def test_an_outside_write_that_matches_redis_is_adopted(synced, rds, key_prefix, pg):
+    """A row that agrees with Redis is remembered as it stands, whoever wrote it: the next
+    change in Redis is an ordinary update, not a false conflict."""
     pg.execute("UPDATE user_balances SET balance = 7 WHERE telegram_id = 1")
     rds.set(f"{key_prefix}1", "7")
     assert sync_json(synced)[0] == 0
     rds.set(f"{key_prefix}1", "8")
     code, data = sync_json(synced)
+    assert (code, data["updated"], data["skipped"]) == (0, 1, 0)
+    assert balances(pg)[1] == "8.00"
+
+
+def test_an_adopted_table_guards_an_admin_correction(initialized, rds, key_prefix, pg):
+    """An application table whose rows already agree with Redis: balsync remembers them
+    on its first run, so a later admin correction is a conflict, not overwritten."""
+    pg.execute("CREATE TABLE users (id bigint PRIMARY KEY, balance numeric(20,2) NOT NULL)")
+    pg.execute("INSERT INTO users VALUES (1, 1500), (2, 20)")
+    rds.mset({f"{key_prefix}1": "1500.00", f"{key_prefix}2": "20.00"})
+    tool = Balsync({**initialized.env, "BALSYNC_TABLE": "users", "BALSYNC_ID_COLUMN": "id"})
+    code, data = sync_json(tool)
+    assert (code, data["unchanged"]) == (0, 2)
+    pg.execute("UPDATE users SET balance = 1400 WHERE id = 1")  # the admin's correction
+    code, data = sync_json(tool)
     assert (code, data["skipped"]) == (1, 1)
-    assert balances(pg)[1] == "7.00"
+    rows = dict(pg.execute("SELECT id, balance::text FROM users").fetchall())
+    assert rows == {1: "1400.00", 2: "20.00"}
+
+
+def test_a_correction_redis_cannot_hold_is_not_remembered(initialized, rds, key_prefix, pg):
+    """--on-conflict db whose value cannot go back to Redis (more decimals than Redis
+    keeps) leaves Redis as it is, and balsync does not pretend it did: still a conflict."""
+    pg.execute(
+        "CREATE TABLE wallets (telegram_id bigint PRIMARY KEY, balance numeric(20,4) NOT NULL)"
+    )
+    rds.set(f"{key_prefix}1", "10.00")
+    tool = Balsync({**initialized.env, "BALSYNC_TABLE": "wallets"})
+    assert sync_json(tool)[0] == 0
+    pg.execute("UPDATE wallets SET balance = 12.3456 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    code, _ = sync_json(tool, "--on-conflict", "db")
+    assert code == 1  # nothing was resolved
+    assert rds.get(f"{key_prefix}1") == b"11.00"
+    code, data = sync_json(tool)
+    assert (code, data["skipped"]) == (1, 1)
+    rows = dict(pg.execute("SELECT telegram_id, balance::text FROM wallets").fetchall())
+    assert rows == {1: "12.3456"}
+
+
+def test_a_correction_the_bot_overtook_is_not_remembered(synced, rds, key_prefix, pg, monkeypatch):
+    """The bot writes between balsync's read and its compare-and-set: Redis keeps the bot's
+    value, and the admin's correction stays guarded (a conflict again next run)."""
+    from balance_sync.redis_store import RedisStore
+
+    real = RedisStore.set_if_equal
+
+    def bot_writes_first(self: RedisStore, items: list[tuple[bytes, bytes, bytes]]) -> object:
+        for key, _, _ in items:
+            rds.set(key, "99.00")
+        return real(self, items)
+
+    pg.execute("UPDATE user_balances SET balance = 100 WHERE telegram_id = 1")
+    monkeypatch.setattr(RedisStore, "set_if_equal", bot_writes_first)
+    code, _ = sync_json(synced, "--on-conflict", "db")
+    monkeypatch.undo()
+    assert code == 1
+    assert rds.get(f"{key_prefix}1") == b"99.00"
+    code, data = sync_json(synced)
+    assert (code, data["skipped"]) == (1, 1)
+    assert balances(pg)[1] == "100.00"

@@ -54,7 +54,7 @@ def insert_run(
     pg: psycopg.Connection[tuple[object, ...]],
     status: str,
     finished_ago: str,
-    table: str = "user_balances",
+    table: str = "public.user_balances",
 ) -> None:
     """A run record made by hand, finished `finished_ago` (an interval) before now."""
     pg.execute(
@@ -382,7 +382,10 @@ def test_a_failover_is_seen_by_its_run_id(
 ) -> None:
     """A Redis whose run_id is not the one the last sync trusted (a failover) is degraded."""
     insert_run(pg, "success", "0 seconds")
-    pg.execute("UPDATE balsync.sync_runs SET redis_run_id = %s", ("f" * 40,))
+    pg.execute(
+        "INSERT INTO balsync.redis_trust VALUES ('public.user_balances', %s, 'test')",
+        ("f" * 40,),
+    )
     code, _, checks = health_json(initialized)
     assert code == 1
     detail = checks["redis_restart"]["detail"]

@@ -318,7 +318,8 @@ def add_old_runs(database_url: str) -> None:
             """INSERT INTO balsync.sync_runs
                    (target_table, key_prefix, started_at, finished_at, status, host, pid,
                     version)
-               SELECT 'user_balances', 'balance:', now() - make_interval(days => 365 - d),
+               SELECT 'public.user_balances', 'balance:',
+                      now() - make_interval(days => 365 - d),
                       now() - make_interval(days => 365 - d), 'partial', 'old', 1, 'test'
                FROM generate_series(1, 200) AS d
                RETURNING id"""
@@ -350,6 +351,7 @@ def test_prune_runs_as_the_role(restricted, database_url):
         "skipped_records": 199,
         "conflicts": 199,
         "run_batches": 0,
+        "restart_seen": 0,
     }
     add_old_runs(database_url)
     seed(restricted, {"1": "10.00"})

@@ -26,7 +26,8 @@ from tests.test_metrics import Metrics
 Conn = psycopg.Connection[tuple[object, ...]]
 TABLE = TableName("user_balances")
 HOURS = 365 * 24
-BOOKKEEPING = ("sync_runs", "skipped_records", "conflicts", "run_batches")
+BOOKKEEPING = ("sync_runs", "skipped_records", "conflicts", "run_batches", "restart_seen")
+KEY = "public.user_balances"  # sync_runs.target_table: the table as the catalog names it
 OFF = {"BALSYNC_KEEP_RUNS": "off", "BALSYNC_KEEP_SKIPPED": "off"}
 
 
@@ -45,7 +46,7 @@ def generate_year(pg: Conn, *, restart_days_ago: int | None = 200, every: int = 
         """INSERT INTO balsync.sync_runs
                (target_table, key_prefix, started_at, finished_at, status, duration_s,
                 processed, skipped, host, pid, version, redis_run_id)
-           SELECT 'user_balances', 'balance:', now() - make_interval(hours => h),
+           SELECT %(key)s, 'balance:', now() - make_interval(hours => h),
                   now() - make_interval(hours => h) + interval '2 seconds',
                   CASE WHEN h %% 50 = 0 THEN 'failed' WHEN h > 2400 THEN 'partial'
                        ELSE 'success' END,
@@ -53,7 +54,7 @@ def generate_year(pg: Conn, *, restart_days_ago: int | None = 200, every: int = 
                   CASE WHEN h %% 50 <> 0 AND h > %(trusted)s AND %(trusted)s > 0
                        THEN 'trusted-redis' END
            FROM generate_series(%(hours)s, 1, -%(every)s) AS h""",
-        {"hours": HOURS, "trusted": trusted, "every": every},
+        {"hours": HOURS, "trusted": trusted, "every": every, "key": KEY},
     )
     pg.execute(
         """INSERT INTO balsync.skipped_records (run_id, key, raw_value, reason, recorded_at)
@@ -74,15 +75,26 @@ def generate_year(pg: Conn, *, restart_days_ago: int | None = 200, every: int = 
            SELECT id, 1, 0, 0, 0 FROM balsync.sync_runs WHERE status = 'failed'"""
     )
     pg.execute(
+        """INSERT INTO balsync.restart_seen (run_id, telegram_id)
+           SELECT id, k FROM balsync.sync_runs, generate_series(1, 2) AS k
+           WHERE status = 'failed'"""
+    )
+    pg.execute(
         """INSERT INTO balsync.sync_runs
                (target_table, key_prefix, started_at, status, host, pid, version)
-           VALUES ('user_balances', 'balance:', now() - interval '300 days', 'running',
-                   'gone', 2, 'test')"""
+           VALUES (%s, 'balance:', now() - interval '300 days', 'running', 'gone', 2, 'test')""",
+        (KEY,),
     )
     pg.execute(
         """INSERT INTO balsync.written (target_table, telegram_id, balance)
-           SELECT 'user_balances', i, i FROM generate_series(1, 1000) AS i"""
+           SELECT %s, i, i FROM generate_series(1, 1000) AS i""",
+        (KEY,),
     )
+    if restart_days_ago is not None:
+        pg.execute(
+            "INSERT INTO balsync.redis_trust (target_table, redis_id, reason) VALUES (%s, %s, %s)",
+            (KEY, "trusted-redis", "generated"),
+        )
 
 
 def counts(pg: Conn) -> dict[str, int]:
@@ -100,7 +112,7 @@ class Guards:
     """What the guards and the operator views read from balsync's records."""
 
     last_success: int | None
-    redis_baseline: str | None
+    trusted_redis: str | None
     running: int | None
     conflicts: tuple[int | None, list[object]]
     skipped_run: int | None
@@ -117,7 +129,7 @@ def guards(database_url: str) -> Guards:
         skipped_run = db.newest_skipping_run(TABLE)
         return Guards(
             last_success=None if last is None else last.id,
-            redis_baseline=db.redis_baseline(TABLE),
+            trusted_redis=db.trusted_redis(TABLE),
             running=None if running is None else running.id,
             conflicts=db.conflicts(TABLE, None, 1000),  # type: ignore[arg-type]
             skipped_run=skipped_run,
@@ -152,7 +164,7 @@ def test_a_year_is_pruned_to_the_policy_and_what_the_guards_read_survives(
     """90 days of runs and 30 of records are left, besides the kept runs; the guards agree."""
     generate_year(pg, every=1)
     before, seen = counts(pg), guards(database_url)
-    assert seen.redis_baseline == "trusted-redis"
+    assert seen.trusted_redis == "trusted-redis"
     data = prune_json(initialized)
     assert data["status"] == "success"
     assert data["complete"] is True
@@ -188,25 +200,25 @@ def test_a_year_is_pruned_to_the_policy_and_what_the_guards_read_survives(
 
 
 def test_a_run_another_table_refers_to_is_kept(initialized: Balsync, pg: Conn) -> None:
-    """A table of balsync's that refers to an old run (as one of trusted Redis identities
-    may) keeps that run, and prune never deletes from it."""
+    """A table that refers to an old run by a foreign key, even one that cascades, keeps
+    that run: prune never deletes into a table it does not know."""
     generate_year(pg)
     pg.execute(
-        """CREATE TABLE balsync.redis_trust (
+        """CREATE TABLE balsync.evidence (
                target_table text PRIMARY KEY,
                run_id bigint REFERENCES balsync.sync_runs (id) ON DELETE CASCADE,
-               redis_run_id text NOT NULL)"""
+               note text NOT NULL)"""
     )
     pg.execute(
-        """INSERT INTO balsync.redis_trust
-           SELECT 'user_balances', min(id), 'trusted' FROM balsync.sync_runs"""
+        """INSERT INTO balsync.evidence
+           SELECT target_table, min(id), 'kept' FROM balsync.sync_runs GROUP BY target_table"""
     )
     prune_json(initialized)
     row = pg.execute(
-        """SELECT t.redis_run_id, r.started_at < now() - interval '364 days'
-           FROM balsync.redis_trust t JOIN balsync.sync_runs r ON r.id = t.run_id"""
+        """SELECT t.note, r.started_at < now() - interval '364 days'
+           FROM balsync.evidence t JOIN balsync.sync_runs r ON r.id = t.run_id"""
     ).fetchone()
-    assert row == ("trusted", True)
+    assert row == ("kept", True)
 
 
 def test_a_second_prune_deletes_nothing(initialized: Balsync, pg: Conn) -> None:
@@ -320,7 +332,10 @@ def test_a_sync_prunes_and_health_stats_and_min_interval_still_work(
     rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "2.50"})
     before = counts(pg)
     metrics_file = tmp_path / "balsync.prom"
-    result = initialized.ok("sync", "-v", "--metrics-file", str(metrics_file))
+    # The generated memory predates any trusted Redis: the operator vouches for this one.
+    result = initialized.ok(
+        "sync", "-v", "--accept-redis-restart", "--metrics-file", str(metrics_file)
+    )
     assert "pruned" in result.stderr
     after = counts(pg)
     assert after["sync_runs"] < before["sync_runs"] - 6000

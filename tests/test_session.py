@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -24,12 +26,19 @@ def _lock_is_free(database_url: str) -> bool:
 
 
 def _open_connections(pg: Pg) -> int:
-    row = pg.execute(
-        """SELECT count(*) FROM pg_stat_activity
-           WHERE application_name = 'balsync' AND datname = current_database()"""
-    ).fetchone()
-    assert row is not None
-    return int(str(row[0]))
+    """balsync's connections to the test database, once closed ones have gone: a backend
+    leaves pg_stat_activity a moment after its client closed the socket."""
+    deadline = time.monotonic() + 5
+    while True:
+        row = pg.execute(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE application_name = 'balsync' AND datname = current_database()"""
+        ).fetchone()
+        assert row is not None
+        count = int(str(row[0]))
+        if count == 0 or time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ Pg = psycopg.Connection[tuple[object, ...]]
 WIDE = {"COLUMNS": "250"}  # a wide terminal: rich wraps cells to the width it is given
 
 
-def _run(pg: Pg, skipped: list[tuple[str, str | None, str]], table: str = "user_balances") -> int:
+def _run(
+    pg: Pg, skipped: list[tuple[str, str | None, str]], table: str = "public.user_balances"
+) -> int:
     """Record a finished run of `table` with these (key, raw value, reason) records."""
     row = pg.execute(
         """INSERT INTO balsync.sync_runs (target_table, key_prefix, status, host, pid, version,

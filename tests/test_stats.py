@@ -21,7 +21,7 @@ def add_run(pg: Conn, status: str, duration_s: float, started_ago: str = "1 hour
         """INSERT INTO balsync.sync_runs
                (target_table, key_prefix, started_at, finished_at, status, duration_s,
                 processed, inserted, updated, skipped, host, pid, version)
-           VALUES ('user_balances', 'balance:', now() - %s::interval,
+           VALUES ('public.user_balances', 'balance:', now() - %s::interval,
                    now() - %s::interval + make_interval(secs => %s), %s, %s,
                    7, 3, 2, 1, 'elsewhere', 99, 'test')
            RETURNING id""",

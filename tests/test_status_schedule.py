@@ -87,7 +87,7 @@ def add_run(pg: Conn, status: str, host: str = "elsewhere", pid: int = 1) -> int
         """INSERT INTO balsync.sync_runs
                (target_table, key_prefix, finished_at, status, duration_s, processed,
                 host, pid, version)
-           VALUES ('user_balances', 'balance:', %s, %s, %s, 12, %s, %s, 'test')
+           VALUES ('public.user_balances', 'balance:', %s, %s, %s, 12, %s, %s, 'test')
            RETURNING id""",
         (finished, status, None if finished is None else 2.5, host, pid),
     ).fetchone()

@@ -1000,7 +1000,7 @@ def test_each_run_records_times_status_counters_host_pid_version(initialized, rd
         assert run["duration_s"] == pytest.approx(data["duration_s"], abs=0.01)
         assert (run["host"], run["pid"]) == (socket.gethostname(), os.getpid())
         assert run["version"] == balance_sync.__version__
-        assert (run["target_table"], run["key_prefix"]) == ("user_balances", key_prefix)
+        assert (run["target_table"], run["key_prefix"]) == ("public.user_balances", key_prefix)
         assert run["error"] is None
     first, second = sync_run(pg, partial["run_id"]), sync_run(pg, success["run_id"])
     assert first["finished_at"] <= second["started_at"]  # type: ignore[operator]
@@ -1012,7 +1012,7 @@ def test_a_run_left_running_is_marked_abandoned_by_the_next(initialized, rds, ke
                     (target_table, key_prefix, started_at, status, host, pid, version)
                 VALUES (%s, %s, now() - interval '1 hour', 'running', 'gone', 1, '0')
                 RETURNING id"""
-    dead = pg.execute(insert, ("user_balances", key_prefix)).fetchone()
+    dead = pg.execute(insert, ("public.user_balances", key_prefix)).fetchone()
     other = pg.execute(insert, ("other_table", key_prefix)).fetchone()
     assert dead is not None
     assert other is not None
