@@ -24,10 +24,11 @@ from balance_sync.logs import FILE_ONLY, LOGGER, setup_logging
 from balance_sync.pg_store import Database, OnConflict
 from balance_sync.report import run_reported
 from balance_sync.restore import RestoreOptions, parse_ids, run_restore
+from balance_sync.retention import PruneOptions, run_prune
 from balance_sync.schedule import Crontab, ScheduleChange, balsync_command, schedule_lines
 from balance_sync.schedule import install as install_schedule
 from balance_sync.schedule import uninstall as uninstall_schedule
-from balance_sync.settings import Settings, resolve_settings
+from balance_sync.settings import Settings, parse_duration, resolve_settings
 from balance_sync.skipped import DEFAULT_LIMIT as SKIPPED_LIMIT
 from balance_sync.skipped import list_skipped
 from balance_sync.stats import DEFAULT_RUNS, collect_stats
@@ -117,6 +118,18 @@ SETTING_OPTIONS = (
         help="Dead man's switch: request URL/start, then URL on success or URL/fail "
         "(healthchecks.io style). Env: BALSYNC_PING_URL.",
     ),
+    click.option(
+        "--keep-runs",
+        metavar="DURATION",
+        help="Keep run records this long (90d, 12h, 30m, 2w), or `off`; the runs health, "
+        "stats and the guards rely on are always kept. Env: BALSYNC_KEEP_RUNS. [default: 90d]",
+    ),
+    click.option(
+        "--keep-skipped",
+        metavar="DURATION",
+        help="Keep skipped records and conflicts this long, at most --keep-runs, or `off`. "
+        "Env: BALSYNC_KEEP_SKIPPED. [default: 30d]",
+    ),
 )
 OUTPUT_OPTIONS = (
     click.option(
@@ -147,6 +160,8 @@ _SETTING_NAMES = (
     "log_format",
     "metrics_file",
     "ping_url",
+    "keep_runs",
+    "keep_skipped",
 )
 
 
@@ -704,6 +719,62 @@ def skipped(*, settings: Settings, output: Output, run_id: int | None, limit: in
     return 0
 
 
+class Duration(click.ParamType[float]):
+    """A duration such as 90d, 12h, 30m or 2w, as seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """Seconds, or click's usage error (exit 2) naming the forms it accepts."""
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@cli.command("prune")
+@click.option(
+    "--older-than",
+    type=Duration(),
+    metavar="DURATION",
+    help="Prune what is older than this (90d, 12h, 30m, 2w) instead of what --keep-runs "
+    "and --keep-skipped say.",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@command
+def prune(*, settings: Settings, output: Output, older_than: float | None, dry_run: bool) -> int:
+    """Delete balsync's own records older than the retention policy, now.
+
+    Every sync that finishes (success or partial) prunes already, for at most 20 s; this command is
+    for an operator's own schedule, or once after an upgrade with years of records. It
+    counts what it would delete per table, then deletes it all, in batches of 5000 rows.
+    Run records go after --keep-runs (default 90d), skipped records and conflicts after
+    --keep-skipped (default 30d); --older-than replaces both. Never deleted: the memory
+    of written values, runs still running, and per target table the last run of each
+    status, the last successful one, the one the restart guard trusts, and the last runs
+    with skipped records and with conflicts, all with their records.
+
+    It takes sync's per-table lock; if a sync runs, it exits 0 as skipped. Redis is not
+    needed.
+
+    \b
+    Examples:
+      balsync prune --dry-run               # what would go, per table
+      balsync prune                         # delete to the policy
+      balsync prune --older-than 30d --json | jq .deleted
+    """
+    result = run_prune(settings, PruneOptions(dry_run=dry_run, older_than=older_than))
+    if output.json:
+        render.print_json(result.to_json())
+    elif not output.quiet:
+        console = render.stdout_console()
+        for table in render.prune_tables(result):
+            console.print(table)
+    return 0
+
+
 # -- operator commands: health, stats, status, schedule -----------------------------------
 
 
@@ -725,7 +796,8 @@ def health(*, settings: Settings, output: Output, max_age: float) -> int:
     version), balsync's schema and the target table present, the last successful sync
     younger than --max-age, and what operators miss: a maxmemory-policy that can evict
     balance keys, balance keys carrying a TTL (a sample of 1000), Redis memory above 90%
-    of maxmemory, Redis restarted since the last successful sync.
+    of maxmemory, Redis restarted since the last successful sync, and the size of
+    balsync's own tables (degraded when retention is off and they pass 1 GiB).
 
     Exit 0 healthy, 1 degraded (a check failed), 3 Redis unreachable, 4 PostgreSQL
     unreachable (after --retry-timeout); the report is printed in every case.
@@ -761,8 +833,9 @@ def stats(*, settings: Settings, output: Output, runs: int) -> int:
 
     The last run in full; a table and a bar chart of the last N runs; runs, failures
     and p50/p95 duration over 24 h; balance keys in Redis (counted with SCAN), rows and
-    the exact sum of balances in PostgreSQL, Redis memory. Changes nothing. In --json
-    the sum is a decimal string, never a float.
+    the exact sum of balances in PostgreSQL, Redis memory, and the rows and bytes of
+    balsync's own tables with the retention policy. Changes nothing. In --json the sum is
+    a decimal string, never a float.
 
     \b
     Examples:

@@ -23,6 +23,7 @@ from balance_sync.errors import (
 from balance_sync.pg_store import Database, RunRecord
 from balance_sync.redis_store import RedisStore, ServerInfo
 from balance_sync.restart_guard import restart_pending
+from balance_sync.retention import bookkeeping_size, format_bytes
 from balance_sync.settings import Settings
 from balance_sync.validation import InvalidRecord, validate
 
@@ -147,6 +148,7 @@ class _Probe:
                 ("invalid_values", self.invalid_values),
                 ("memory", self.memory),
                 ("redis_restart", self.redis_restart),
+                ("bookkeeping", self.bookkeeping),
                 *((("sentinel", self.sentinel),) if self.redis.sentinel is not None else ()),
             )
         )
@@ -253,6 +255,17 @@ class _Probe:
             ok=True,
             detail=f"the last successful sync (run {last.id}, {last.status}) finished {ago} ago",
         )
+
+    def bookkeeping(self) -> Check:
+        self._require_schema()
+        size = bookkeeping_size(self.db, self.settings)
+        detail = (
+            f"balsync's tables hold about {size.rows:,} rows in {format_bytes(size.bytes)}; "
+            f"retention: {size.retention.describe()}"
+        )
+        if size.warning:
+            return Check("bookkeeping", ok=False, detail=f"{detail}: {size.warning}")
+        return Check("bookkeeping", ok=True, detail=detail)
 
     # -- risks to money in Redis ----------------------------------------------------------
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
+from balance_sync.retention import PRUNED_TABLES
 from balance_sync.sync import Status
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class RunMetrics:
     records: Mapping[str, int]
     redis_up: bool
     postgres_up: bool
+    pruned: Mapping[str, int] = field(default_factory=dict)  # rows retention deleted, by table
 
 
 def write_metrics(path: Path, run: RunMetrics) -> bool:
@@ -108,4 +110,11 @@ def _registry(run: RunMetrics, last_success: float | None) -> CollectorRegistry:
     status = gauge("balsync_last_run_status", "1 for the last sync's status, else 0.", "status")
     for name in STATUSES:
         status.labels(run.table, name).set(1 if name == run.status else 0)
+    pruned = gauge(
+        "balsync_last_run_pruned_rows",
+        "Rows of balsync's own tables that retention deleted after the last sync, by table.",
+        "bookkeeping",
+    )
+    for name in PRUNED_TABLES:
+        pruned.labels(run.table, name).set(run.pruned.get(name, 0))
     return registry

@@ -26,6 +26,7 @@ from balance_sync.cache import READ_THROUGH, ClearResult
 from balance_sync.health import HealthReport, format_duration
 from balance_sync.pg_store import Conflict, RunRecord
 from balance_sync.restore import RestoreResult
+from balance_sync.retention import BookkeepingSize, PruneResult, format_bytes
 from balance_sync.schedule import ScheduleChange
 from balance_sync.skipped import SkippedListing
 from balance_sync.stats import StatsReport
@@ -301,12 +302,50 @@ def _cut(text: str, width: int) -> str:
 def _bytes_text(count: int | None) -> str:
     if count is None:
         return "n/a"
-    size, unit = float(count), "B"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if size < 1024:
-            break
-        size, unit = size / 1024, bigger
-    return f"{count:,} B" if unit == "B" else f"{size:.1f} {unit} ({count:,} B)"
+    text = format_bytes(count)
+    return text if count < 1024 else f"{text} ({count:,} B)"
+
+
+def prune_tables(result: PruneResult) -> list[Table]:
+    """A prune's summary, then what it found and deleted in each of balsync's tables."""
+    title = (
+        "Dry run of prune: nothing was deleted"
+        if result.dry_run
+        else f"prune of balsync's records of {result.table}"
+    )
+    summary = summary_table(title, result.status, result.reason)
+    if result.status == "skipped":
+        return [summary]
+    summary.add_row("retention", result.retention.describe())
+    summary.add_row("runs kept whatever their age", f"{result.kept_runs:,}")
+    if not result.complete:
+        summary.add_row("complete", "[yellow]no: time ran out, run it again[/]")
+    summary.add_row("duration", f"{result.duration_s:.2f} s")
+    rows = Table(title="Rows per table", title_justify="left")
+    rows.add_column("table")
+    rows.add_column("older than the policy", justify="right")
+    if not result.dry_run:
+        rows.add_column("deleted", justify="right")
+    for name, deleted in result.deleted.items():
+        found = "" if result.found is None else f"{result.found[name]:,}"
+        rows.add_row(f"balsync.{name}", found, *([] if result.dry_run else [f"{deleted:,}"]))
+    return [summary, rows]
+
+
+def bookkeeping_table(size: BookkeepingSize) -> Table:
+    """The rows and bytes of balsync's own tables, and the retention policy."""
+    table = Table(title="balsync's own tables (all target tables)", title_justify="left")
+    table.add_column("table")
+    table.add_column("rows (estimated)", justify="right")
+    table.add_column("size", justify="right")
+    for t in size.tables:
+        table.add_row(f"balsync.{t.name}", f"{t.rows:,}", format_bytes(t.bytes))
+    table.add_row("[bold]total[/]", f"{size.rows:,}", format_bytes(size.bytes))
+    table.caption = f"retention: {size.retention.describe()}"
+    if size.warning:
+        table.caption += f"\n[yellow]{escape(size.warning)}[/]"
+    table.caption_justify = "left"
+    return table
 
 
 def skipped_hint(result: SyncResult) -> str:
@@ -434,6 +473,8 @@ def stats_views(report: StatsReport) -> list[RenderableType]:
     figures.add_row(f"PostgreSQL rows in {report.table}", f"{report.pg_rows:,}")
     figures.add_row("PostgreSQL sum of balances", f"{report.pg_balance_sum:,}")
     views.append(figures)
+    if report.bookkeeping is not None:
+        views.append(bookkeeping_table(report.bookkeeping))
     return views
 
 

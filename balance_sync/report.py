@@ -58,6 +58,7 @@ def _report(settings: Settings, result: SyncResult, exit_code: int, error: str =
             records=result.counters(),
             redis_up=exit_code != RedisUnavailable.exit_code,
             postgres_up=exit_code != PostgresUnavailable.exit_code,
+            pruned=result.pruned,
         )
         write_metrics(settings.metrics_file, run)
     if settings.ping_url is not None:

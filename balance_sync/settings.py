@@ -24,6 +24,12 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_KEY_PREFIX = "balance:"
 DEFAULT_TABLE = "user_balances"
 DEFAULT_RETRY_TIMEOUT = 60.0
+DAY = 86400.0
+DEFAULT_KEEP_RUNS = 90 * DAY
+DEFAULT_KEEP_SKIPPED = 30 * DAY
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"([1-9][0-9]{0,4})([smhdw])")
+RETENTION_OFF = ("off", "0")
 
 REDIS_SCHEMES = (
     "redis",
@@ -79,6 +85,9 @@ class Settings:
     value_format: ValueFormat = "decimal"
     metrics_file: Path | None = None
     ping_url: str | None = None
+    # How long balsync keeps its own records, in seconds; None: for ever (retention off).
+    keep_runs: float | None = DEFAULT_KEEP_RUNS
+    keep_skipped: float | None = DEFAULT_KEEP_SKIPPED  # skipped records and conflicts
 
     @property
     def is_default_table(self) -> bool:
@@ -286,6 +295,52 @@ def _flag(raw: str | None, name: str) -> bool:
     raise ConfigError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), not {raw!r}")
 
 
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as `90d`, `12h`, `30m`, `2w` or `45s`; ValueError otherwise.
+
+    A bare number is refused: `90` could mean seconds or days, and a retention period
+    read the wrong way deletes history that cannot come back.
+    """
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"invalid duration {text!r}: give a whole number and a unit, "
+            "e.g. 90d, 12h, 30m, 2w (s m h d w)"
+        )
+    return float(int(match[1]) * DURATION_UNITS[match[2]])
+
+
+def duration_text(seconds: float) -> str:
+    """A duration in the largest unit that divides it: 7776000 → `90d`, 1209600 → `2w`."""
+    for unit, size in sorted(DURATION_UNITS.items(), key=lambda item: -item[1]):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _retention(raw: str | None, name: str, default: float) -> float | None:
+    """A retention period: a duration, or `off` (or `0`) to keep for ever."""
+    if raw is None:
+        return default
+    if raw.strip().lower() in RETENTION_OFF:
+        return None
+    try:
+        return parse_duration(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}", "or `off` to keep everything") from exc
+
+
+def _check_retention(keep_runs: float | None, keep_skipped: float | None) -> None:
+    """Skipped records and conflicts go with their run, so they cannot outlive it."""
+    if keep_runs is not None and (keep_skipped is None or keep_skipped > keep_runs):
+        skipped = "off" if keep_skipped is None else duration_text(keep_skipped)
+        raise ConfigError(
+            f"--keep-skipped {skipped} is longer than --keep-runs {duration_text(keep_runs)}: "
+            "skipped records and conflicts are deleted with their run",
+            "keep them no longer than the runs, or set --keep-runs off too",
+        )
+
+
 def _or_default(value: str | None, default: str) -> str:
     # Only an absent setting takes the default; an empty one (`--table "$UNSET"`) is an error.
     return default if value is None else value
@@ -348,6 +403,15 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
     if ping_url and urlsplit(ping_url).scheme not in ("http", "https"):
         # The URL itself is not printed: its path is often the check's secret token.
         raise ConfigError("invalid ping URL: it must start with http:// or https://")
+    keep_runs = _retention(
+        pick("keep_runs", "BALSYNC_KEEP_RUNS"), "--keep-runs/BALSYNC_KEEP_RUNS", DEFAULT_KEEP_RUNS
+    )
+    keep_skipped = _retention(
+        pick("keep_skipped", "BALSYNC_KEEP_SKIPPED"),
+        "--keep-skipped/BALSYNC_KEEP_SKIPPED",
+        DEFAULT_KEEP_SKIPPED,
+    )
+    _check_retention(keep_runs, keep_skipped)
     redis_url, cluster = cluster_url(
         check_redis_url(redis_url),
         _flag(pick("cluster", "BALSYNC_REDIS_CLUSTER"), "BALSYNC_REDIS_CLUSTER"),
@@ -376,4 +440,6 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
         ),
         metrics_file=Path(metrics_file) if metrics_file else None,
         ping_url=ping_url or None,
+        keep_runs=keep_runs,
+        keep_skipped=keep_skipped,
     )

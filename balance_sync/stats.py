@@ -12,6 +12,7 @@ from decimal import Decimal
 
 from balance_sync.pg_store import Database, RunRecord, RunWindow
 from balance_sync.redis_store import RedisStore
+from balance_sync.retention import BookkeepingSize, bookkeeping_size
 from balance_sync.settings import Settings
 
 DEFAULT_RUNS = 10
@@ -31,6 +32,7 @@ class StatsReport:
     redis_used_memory_human: str
     pg_rows: int
     pg_balance_sum: Decimal
+    bookkeeping: BookkeepingSize | None = None  # balsync's own tables, all targets together
 
     @property
     def last_run(self) -> RunRecord | None:
@@ -56,6 +58,7 @@ class StatsReport:
                 "used_memory_human": self.redis_used_memory_human,
             },
             "postgres": {"rows": self.pg_rows, "balance_sum": str(self.pg_balance_sum)},
+            "bookkeeping": None if self.bookkeeping is None else self.bookkeeping.to_json(),
         }
 
 
@@ -73,6 +76,7 @@ def collect_stats(settings: Settings, runs: int = DEFAULT_RUNS) -> StatsReport:
         recent = tuple(db.recent_runs(settings.table, runs))
         window = db.run_window(settings.table, WINDOW_HOURS)
         rows, total = db.table_totals(target)
+        books = bookkeeping_size(db, settings)
         info = redis.server_info()
         keys = redis.count_keys(settings.key_prefix)
     finally:
@@ -88,6 +92,7 @@ def collect_stats(settings: Settings, runs: int = DEFAULT_RUNS) -> StatsReport:
         redis_used_memory_human=info.used_memory_human,
         pg_rows=rows,
         pg_balance_sum=total,
+        bookkeeping=books,
     )
 
 

@@ -30,6 +30,7 @@ from balance_sync.pg_store import (
 )
 from balance_sync.redis_store import RedisStore
 from balance_sync.restart_guard import RestartGuard
+from balance_sync.retention import prune_after_sync
 from balance_sync.settings import Settings, TableName
 from balance_sync.validation import (
     InvalidRecord,
@@ -92,6 +93,7 @@ class SyncResult:
     kept_changes: int = 0  # rows changed in PostgreSQL behind balsync's back, kept
     restart_pending: bool = False  # the Redis read is not trusted (yet) after a restart
     missing_keys: int = 0  # remembered ids not found agreeing while a restart is pending
+    pruned: dict[str, int] = field(default_factory=dict)  # bookkeeping rows deleted, by table
 
     def counters(self) -> dict[str, int]:
         """The counters as stored in the run record."""
@@ -110,6 +112,7 @@ class SyncResult:
             "kept_changes",
             "restart_pending",
             "missing_keys",
+            "pruned",
         ):
             del data[extra]
         data["duration_s"] = round(self.duration_s, 3)
@@ -206,6 +209,8 @@ def run_sync(
             control.finish_run(
                 result.run_id, result.status, result.counters(), result.duration_s, None
             )
+            # Still under the table's lock; bounded in time, and never fails the sync.
+            result.pruned = prune_after_sync(control, settings, lock)
         log.info(
             "sync %s: %d processed, %d inserted, %d updated, %d unchanged, %d skipped",
             result.status,

@@ -19,15 +19,20 @@
 --   CONNECT, TEMPORARY on the database   each batch is COPYed into a temporary staging table
 --   USAGE on schema balsync              run records, batch ledger, skipped records, conflicts
 --   SELECT, INSERT, UPDATE on balsync.*  a run inserts its record and updates it as it ends
---   DELETE on balsync.run_batches and    only there: a finished run drops its batch ledger
+--   DELETE on balsync.run_batches and    a finished run drops its batch ledger
 --     balsync.restart_seen               and the evidence it gathered after a Redis restart
+--   DELETE on balsync.sync_runs, balsync.skipped_records, balsync.conflicts
+--                                        retention prunes old run records and what hangs
+--                                        off them; never balsync.written (the memory of
+--                                        written values), balsync.redis_trust, nor any
+--                                        table a later init-db adds
 --   USAGE on balsync's sequences         the bigserial ids of runs, skipped records, conflicts
 --   USAGE on the target schema
 --   SELECT, INSERT, UPDATE on the table  merge: UPDATE … FROM, INSERT … ON CONFLICT
--- and nothing else: no DELETE or TRUNCATE on the balances (a sync never deletes a row), no
--- REFERENCES or TRIGGER, no CREATE anywhere, so it cannot run `balsync init-db` itself; not a
--- superuser, no CREATEDB, CREATEROLE, REPLICATION or BYPASSRLS. Advisory locks, pg_locks and
--- the catalogs need no grant.
+-- and nothing else: no DELETE on the balances (a sync never deletes a row) nor on
+-- balsync.written, no TRUNCATE anywhere, no REFERENCES or TRIGGER, no CREATE anywhere, so it
+-- cannot run `balsync init-db` itself; not a superuser, no CREATEDB, CREATEROLE, REPLICATION
+-- or BYPASSRLS. Advisory locks, pg_locks and the catalogs need no grant.
 --
 -- For an application table that balsync must only update (`--table users --id-column id`),
 -- grant by column instead of the table-wide line at the end:
@@ -64,7 +69,8 @@ GRANT CONNECT, TEMPORARY ON DATABASE :"DBNAME" TO :"role";
 
 GRANT USAGE ON SCHEMA balsync TO :"role";
 GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA balsync TO :"role";
-GRANT DELETE ON balsync.run_batches, balsync.restart_seen TO :"role";
+GRANT DELETE ON balsync.run_batches, balsync.restart_seen, balsync.sync_runs,
+    balsync.skipped_records, balsync.conflicts TO :"role";
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA balsync TO :"role";
 -- Bookkeeping tables a later `balsync init-db` adds (run by the same administrator).
 ALTER DEFAULT PRIVILEGES IN SCHEMA balsync GRANT SELECT, INSERT, UPDATE ON TABLES TO :"role";

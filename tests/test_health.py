@@ -30,6 +30,7 @@ CHECKS = [
     "invalid_values",
     "memory",
     "redis_restart",
+    "bookkeeping",
 ]
 FAST = ("--retry-timeout", "0.3")
 

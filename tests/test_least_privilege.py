@@ -311,6 +311,57 @@ def test_read_only_operator_commands_run_as_the_role(restricted, args):
     assert restricted.denials() <= EXPECTED_DENIALS
 
 
+def add_old_runs(database_url: str) -> None:
+    """Two hundred runs of a year ago, each with a skipped record and a conflict (as admin)."""
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        ids = admin.execute(
+            """INSERT INTO balsync.sync_runs
+                   (target_table, key_prefix, started_at, finished_at, status, host, pid,
+                    version)
+               SELECT 'public.user_balances', 'balance:',
+                      now() - make_interval(days => 365 - d),
+                      now() - make_interval(days => 365 - d), 'partial', 'old', 1, 'test'
+               FROM generate_series(1, 200) AS d
+               RETURNING id"""
+        ).fetchall()
+        runs = [run_id for (run_id,) in ids]
+        admin.execute(
+            """INSERT INTO balsync.skipped_records (run_id, key, reason, recorded_at)
+               SELECT r.id, 'balance:x', 'bad', r.started_at
+               FROM balsync.sync_runs r WHERE r.id = ANY(%s)""",
+            (runs,),
+        )
+        admin.execute(
+            """INSERT INTO balsync.conflicts (run_id, telegram_id, db_value, redis_value,
+                   last_written, kind, resolution, recorded_at)
+               SELECT r.id, 1, 1, 2, 1, 'changed_in_db', 'kept', r.started_at
+               FROM balsync.sync_runs r WHERE r.id = ANY(%s)""",
+            (runs,),
+        )
+
+
+def test_prune_runs_as_the_role(restricted, database_url):
+    """prune deletes old run records, skipped records and conflicts with the grants alone,
+    and a sync prunes after itself the same way, without a warning."""
+    add_old_runs(database_url)
+    data = run(restricted, "prune")
+    assert data["exit_code"] == 0
+    assert data["deleted"] == {
+        "sync_runs": 199,  # the newest of them is the newest partial run: kept
+        "skipped_records": 199,
+        "conflicts": 199,
+        "run_batches": 0,
+        "restart_seen": 0,
+    }
+    add_old_runs(database_url)
+    seed(restricted, {"1": "10.00"})
+    result = restricted.balsync("sync", "--json", "-v")
+    assert result.exit_code == 0, result.stderr
+    assert "pruned 200 sync_runs" in result.stderr
+    assert "failed" not in result.stderr
+    assert restricted.denials() == set()
+
+
 # -- what they cannot do ---------------------------------------------------------------------
 
 
@@ -324,14 +375,17 @@ def test_read_only_operator_commands_run_as_the_role(restricted, args):
         "ALTER TABLE user_balances ADD COLUMN x int",
         "CREATE TABLE public.intruder (x int)",
         "CREATE SCHEMA intruder",
-        "DELETE FROM balsync.sync_runs",
-        "DELETE FROM balsync.skipped_records",
+        "DELETE FROM balsync.written",
+        "TRUNCATE balsync.sync_runs",
+        "TRUNCATE balsync.skipped_records",
+        "TRUNCATE balsync.conflicts",
         "TRUNCATE balsync.run_batches",
         "CREATE ROLE intruder",
     ],
 )
 def test_the_role_cannot_delete_or_change_structure(restricted, database_url, statement):
-    """No DELETE or TRUNCATE of balances or run records, no DDL, no roles."""
+    """No DELETE or TRUNCATE of balances or of the memory of written values, no TRUNCATE of
+    run records, no DDL, no roles."""
     seed(restricted, {"1": "10.00"})
     run(restricted, "sync")
     with (

@@ -21,6 +21,7 @@ NAMES = {
     "balsync_last_run_status",
     "balsync_redis_up",
     "balsync_postgres_up",
+    "balsync_last_run_pruned_rows",
 }
 DOWN = {"BALSYNC_RETRY_TIMEOUT": "0"}
 
@@ -68,7 +69,7 @@ def dead_postgres() -> str:
 def test_success_writes_every_metric_labelled_with_the_table(
     initialized, rds, key_prefix, tmp_path
 ):
-    """A successful sync writes all seven metrics, each with table=, and stdout stays JSON."""
+    """A successful sync writes all eight metrics, each with table=, and stdout stays JSON."""
     rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "20.00"})
     path = tmp_path / "balsync.prom"
     before = time.time()

@@ -63,6 +63,8 @@ _INHERITED = (
     "BALSYNC_PING_URL",
     "BALSYNC_RETRY_TIMEOUT",
     "BALSYNC_VALUE_FORMAT",
+    "BALSYNC_KEEP_RUNS",
+    "BALSYNC_KEEP_SKIPPED",
 )
 
 # Sensible arguments per command: everything it may do, nothing that leaves this machine's

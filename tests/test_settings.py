@@ -93,6 +93,8 @@ ROWS = [
         "https://env.example/ping",
         None,
     ),
+    Row("keep_runs", "BALSYNC_KEEP_RUNS", "60d", "5w", 60 * 86400.0, 35 * 86400.0, 90 * 86400.0),
+    Row("keep_skipped", "BALSYNC_KEEP_SKIPPED", "7d", "12h", 7 * 86400.0, 43200.0, 30 * 86400.0),
 ]
 by_setting = pytest.mark.parametrize("row", ROWS, ids=[row.attr for row in ROWS])
 
