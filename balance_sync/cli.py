@@ -87,6 +87,14 @@ SETTING_OPTIONS = (
         "Env: BALSYNC_VALUE_FORMAT. [default: decimal]",
     ),
     click.option(
+        "--column-unit",
+        type=click.Choice(["units", "cents"]),
+        help="What one means in the balance column: a unit of money (1500.00 is 1500) or a "
+        "cent (1500.00 is 150000). Required for a column without decimal places (bigint, "
+        "integer, smallint, numeric(p,0)), where balsync cannot tell them apart. "
+        "Env: BALSYNC_COLUMN_UNIT. [default: units for a column with decimals]",
+    ),
+    click.option(
         "--retry-timeout",
         type=float,
         metavar="SECONDS",
@@ -142,6 +150,7 @@ _SETTING_NAMES = (
     "id_column",
     "balance_column",
     "value_format",
+    "column_unit",
     "retry_timeout",
     "log_file",
     "log_format",

@@ -18,6 +18,8 @@ import psycopg
 from balance_sync.errors import ConfigError
 
 ValueFormat = Literal["decimal", "cents"]
+# What one means in a balance column without decimal places: a unit of money, or a cent.
+ColumnUnit = Literal["units", "cents"]
 LogFormat = Literal["text", "json"]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -68,6 +70,8 @@ class Settings:
     log_format: LogFormat = "text"
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT
     value_format: ValueFormat = "decimal"
+    # None: not stated. A column with decimals then holds units; one without is refused.
+    column_unit: ColumnUnit | None = None
     metrics_file: Path | None = None
     ping_url: str | None = None
 
@@ -233,6 +237,12 @@ def _choice(raw: str, name: str, allowed: tuple[str, ...]) -> str:
     return raw
 
 
+def _column_unit(raw: str | None) -> ColumnUnit | None:
+    if raw is None:
+        return None
+    return _choice(raw, "column unit", ("units", "cents"))  # type: ignore[return-value]
+
+
 def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str, str]) -> Settings:
     """Resolve every setting: the option wins, then the environment, then the default.
 
@@ -310,6 +320,7 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
             "value format",
             ("decimal", "cents"),
         ),
+        column_unit=_column_unit(pick("column_unit", "BALSYNC_COLUMN_UNIT")),
         metrics_file=Path(metrics_file) if metrics_file else None,
         ping_url=ping_url or None,
     )

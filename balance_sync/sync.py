@@ -305,13 +305,13 @@ def _read_batches(
     """Scan, validate and group records into batches of `batch_size` valid records.
 
     A value the target's balance column cannot hold exactly (an application table's
-    narrower numeric or integer column) is invalid too: skipped, never rounded.
+    narrower numeric or integer column) is invalid too: skipped, never rounded. A column in
+    cents gets each amount as its exact number of cents.
     """
     prefix_length = len(settings.key_prefix.encode())
-    narrow = column.integer_digits is not None or column.scale < 2
     # Pages of common records take a path with no per-record Python; `raw` is kept per
-    # record only for --on-conflict db, and narrow columns check every value.
-    bulk = settings.value_format == "decimal" and not narrow and options.on_conflict != "db"
+    # record only for --on-conflict db, and other columns check or convert every value.
+    bulk = settings.value_format == "decimal" and column.exact and options.on_conflict != "db"
     batcher = _Batcher(options.batch_size, keep_raw=options.on_conflict == "db")
     if options.incremental and not options.force:
         pages = redis.dirty_pages(settings.key_prefix, include_unclaimed=options.dry_run)
@@ -332,9 +332,14 @@ def _read_batches(
             allow_negative=options.allow_negative,
         ):
             problem = None
-            if narrow and not isinstance(checked, InvalidRecord):
-                problem = column.problem(checked[1])
-            yield from batcher.add(key[prefix_length:], key, raw, checked, problem)
+            record = checked
+            if not column.exact and not isinstance(checked, InvalidRecord):
+                held = column.to_column(checked[1])
+                if isinstance(held, str):
+                    problem = held
+                else:
+                    record = (checked[0], held)
+            yield from batcher.add(key[prefix_length:], key, raw, record, problem)
     if batcher.batch.keys:
         yield batcher.batch
 
@@ -586,7 +591,8 @@ class _Writing:
         items: list[tuple[bytes, bytes, bytes]] = []
         ids: list[int] = []
         for c in conflicts:
-            value = redis_value(str(c.db_value), self.settings.value_format)
+            amount = self.target.balance_type.amount(c.db_value)
+            value = redis_value(format(amount, "f"), self.settings.value_format)
             if isinstance(value, str):
                 log.warning("Redis key %s%d left as it is: %s", prefix, c.telegram_id, value)
                 continue

@@ -63,6 +63,7 @@ _INHERITED = (
     "BALSYNC_PING_URL",
     "BALSYNC_RETRY_TIMEOUT",
     "BALSYNC_VALUE_FORMAT",
+    "BALSYNC_COLUMN_UNIT",
 )
 
 # Sensible arguments per command: everything it may do, nothing that leaves this machine's
