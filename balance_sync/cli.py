@@ -27,7 +27,7 @@ from balance_sync.restore import RestoreOptions, parse_ids, run_restore
 from balance_sync.schedule import Crontab, ScheduleChange, balsync_command, schedule_lines
 from balance_sync.schedule import install as install_schedule
 from balance_sync.schedule import uninstall as uninstall_schedule
-from balance_sync.settings import Settings, resolve_settings
+from balance_sync.settings import Settings, mask_text, resolve_settings
 from balance_sync.skipped import DEFAULT_LIMIT as SKIPPED_LIMIT
 from balance_sync.skipped import list_skipped
 from balance_sync.stats import DEFAULT_RUNS, collect_stats
@@ -223,6 +223,7 @@ def _fail(exc: BalsyncError, output: Output) -> NoReturn:
     message = f"balsync: error: {exc.message}"
     if exc.hint:
         message += f" — {exc.hint}"
+    message = mask_text(message)  # a library's text in it may quote a URL with its password
     if exc.__cause__ is not None and not isinstance(exc, ConfigError):
         log.debug("caused by", exc_info=exc.__cause__)
     # The log file (cron's only witness) gets the failure too; stderr gets it once, below.

@@ -205,6 +205,20 @@ def mask_url(url: str) -> str:
     return _CONNINFO_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
 
 
+# A URL's password inside free text (an exception's message): the userinfo after `user:` up
+# to the last @ before a blank, since the password may itself hold @, / or # unencoded.
+_TEXT_USERINFO_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#\s]*:)\S*@")
+
+
+def mask_text(text: str) -> str:
+    """Hide every password in free text: URLs and conninfo strings quoted by any message.
+
+    For what balsync does not compose itself (an exception's text from a library), before
+    it goes anywhere a person or another service reads it: the run record, a ping, a log.
+    """
+    return _CONNINFO_PASSWORD.sub(r"\1***", _TEXT_USERINFO_PASSWORD.sub(r"\1***@", text))
+
+
 def _number(raw: object, name: str, *, minimum: float) -> float:
     try:
         value = float(str(raw))

@@ -30,7 +30,7 @@ from balance_sync.pg_store import (
 )
 from balance_sync.redis_store import RedisStore
 from balance_sync.restart_guard import RestartGuard
-from balance_sync.settings import Settings, TableName
+from balance_sync.settings import Settings, TableName, mask_text
 from balance_sync.validation import (
     InvalidRecord,
     ValidRecord,
@@ -293,7 +293,11 @@ def _record_failure(
     _finish(result, started)
     try:
         control.finish_run(
-            result.run_id, "failed", result.counters(), result.duration_s, str(exc)[:2000]
+            result.run_id,
+            "failed",
+            result.counters(),
+            result.duration_s,
+            mask_text(str(exc))[:2000],  # a library's text may quote a URL with its password
         )
     except BalsyncError:
         log.warning("could not record the failure of run %s", result.run_id)
