@@ -53,6 +53,7 @@ RAW_VALUE_LIMIT = 200
 # retry budget raises it. Far above a healthy batch merge, short enough that a silent
 # server becomes exit 4 instead of a hung cron job.
 MIN_ATTEMPT_DEADLINE = 30.0
+LOCK_POLL_S = 0.5  # between tries to take a table's lock while --wait lasts
 UNKNOWN_ID = "unknown id: no such row, and the table takes no inserts"
 # How a row of balsync.written is replaced: its last written value, whoever wrote it first.
 _REMEMBER: LiteralString = (
@@ -545,28 +546,30 @@ class Database:
 
     # -- the per-table lock -------------------------------------------------------------
 
-    def try_lock(self, table: TableName, wait: float) -> bool:
-        """Take the table's session-level advisory lock, waiting up to `wait` seconds."""
+    def try_lock(
+        self, table: TableName, wait: float, pause: Callable[[float], None] = time.sleep
+    ) -> bool:
+        """Take the table's session-level advisory lock, waiting up to `wait` seconds.
 
-        def run(conn: Connection) -> bool:
-            args = (LOCK_CLASS, _ident(table).as_string(conn))
-            if wait <= 0:
-                row = conn.execute(
-                    "SELECT pg_try_advisory_lock(%s, to_regclass(%s)::oid::int4)", args
-                ).fetchone()
-                return bool(row and row[0])
-            conn.execute(
-                sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(wait * 1000)}ms"))
-            )
-            try:
-                conn.execute("SELECT pg_advisory_lock(%s, to_regclass(%s)::oid::int4)", args)
-                return True
-            except psycopg.errors.LockNotAvailable:
+        The wait is a series of short tries, each a statement under the watchdog, with
+        `pause` between them: one blocking call that outlasts the watchdog would be cut as
+        a silent server, and a --wait longer than it would end as exit 4.
+        """
+
+        def attempt(conn: Connection) -> bool:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, to_regclass(%s)::oid::int4)",
+                (LOCK_CLASS, _ident(table).as_string(conn)),
+            ).fetchone()
+            return bool(row and row[0])
+
+        give_up = time.monotonic() + wait
+        while not self.call(attempt):
+            left = give_up - time.monotonic()
+            if left <= 0:
                 return False
-            finally:
-                conn.execute("RESET lock_timeout")
-
-        return self.call(run)
+            pause(min(LOCK_POLL_S, left))
+        return True
 
     def unlock(self, table: TableName) -> None:
         """Release the table's advisory lock (closing the connection would too)."""
