@@ -6,11 +6,14 @@ SPEC's exit code; tracebacks go to the log.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -32,6 +35,7 @@ from balance_sync.skipped import DEFAULT_LIMIT as SKIPPED_LIMIT
 from balance_sync.skipped import list_skipped
 from balance_sync.stats import DEFAULT_RUNS, collect_stats
 from balance_sync.status import collect_status
+from balance_sync.stopping import StopRequest
 from balance_sync.sync import DEFAULT_BATCH_SIZE, DEFAULT_MIN_INTERVAL, SyncOptions
 from balance_sync.verify import DEFAULT_LIMIT, VerifyOptions, run_verify
 
@@ -234,6 +238,36 @@ def _fail(exc: BalsyncError, output: Output) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+# How a stop signal is named in the run record, and its exit code (128 + the signal).
+_STOP_SIGNALS = {
+    signal.SIGTERM: ("terminated by SIGTERM", 143),
+    signal.SIGINT: ("interrupted by SIGINT", 130),
+}
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT ask `stop` to stop the run at its next safe
+    point instead of killing it; a second signal ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals (an embedding program's worker)
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.requested:  # asked twice: the operator wants out now; guarantee 4 holds
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop.request(*_STOP_SIGNALS[signal.Signals(signum)])
+
+    previous = {number: signal.signal(number, handler) for number in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, action in previous.items():
+            signal.signal(number, action)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="balsync")
 def cli() -> None:
@@ -248,7 +282,9 @@ def cli() -> None:
     Before a change: balsync sync --dry-run
 
     Exit codes: 0 success or skipped, 1 some records skipped, 2 usage or configuration
-    error, 3 Redis unavailable, 4 PostgreSQL unavailable, 5 any other failure.
+    error, 3 Redis unavailable, 4 PostgreSQL unavailable, 5 any other failure, 130
+    interrupted (SIGINT), 143 terminated (SIGTERM); a run stopped by a signal is recorded
+    failed, after its batch in progress.
     """
 
 
@@ -375,6 +411,9 @@ def sync(
       balsync restore                   # PostgreSQL's value into keys missing from Redis
       balsync sync --on-conflict db     # PostgreSQL wins: its value into each held key
       balsync sync --accept-redis-restart   # Redis wins: trust it, overwrite held rows
+
+    SIGTERM (exit 143) or Ctrl-C (exit 130) stops the run after the batch in progress; it
+    is recorded failed, and metrics and the fail ping go out.
     """
     if ids is not None and on_conflict == "skip":
         raise ConfigError(
@@ -395,7 +434,7 @@ def sync(
     )
     progress = render.SyncProgress(enabled=not (output.json or output.quiet))
     try:
-        with progress.show():
+        with stop_on_signals(options.stop), progress.show():
             result = run_reported(settings, options, on_batch=progress.update)
     except Exception:  # every failure still leaves SPEC's one JSON object on stdout
         if output.json:

@@ -1183,9 +1183,10 @@ class RunLock:
         self._pid: int | None = None
         self._mutex = threading.Lock()  # writer threads share the lock's connection
 
-    def acquire(self, wait: float) -> bool:
-        """Take the lock, waiting up to `wait` seconds; False if another run holds it."""
-        if self.db.try_lock(self.table, wait):
+    def acquire(self, wait: float, pause: Callable[[float], None] = time.sleep) -> bool:
+        """Take the lock, waiting up to `wait` seconds (`pause` between tries); False if
+        another run holds it."""
+        if self.db.try_lock(self.table, wait, pause):
             self._pid = self.db.backend_pid
             return True
         return False

@@ -31,6 +31,7 @@ from balance_sync.pg_store import (
 from balance_sync.redis_store import RedisStore
 from balance_sync.restart_guard import RestartGuard
 from balance_sync.settings import Settings, TableName, mask_text
+from balance_sync.stopping import StopRequest
 from balance_sync.validation import (
     InvalidRecord,
     ValidRecord,
@@ -65,6 +66,8 @@ class SyncOptions:
     writers: int = DEFAULT_WRITERS
     incremental: bool = False
     resolve_ids: frozenset[int] | None = None  # --ids: the conflicts --on-conflict resolves
+    # Set from outside (the CLI's signal handlers): stop before the next batch.
+    stop: StopRequest = field(default_factory=StopRequest, compare=False, repr=False)
 
     @property
     def full_scan(self) -> bool:
@@ -226,7 +229,7 @@ def run_sync(
 
 def _gate(options: SyncOptions, control: Database, lock: RunLock, table: TableName) -> str:
     """Why this run must not go ahead (another one runs, or one finished recently), or ''."""
-    if not lock.acquire(options.wait):
+    if not lock.acquire(options.wait, options.stop.pause):
         return f"another run holds the lock on {table}"
     if not options.force:
         age = control.last_success_age(table)
@@ -471,6 +474,8 @@ class _Writing:
         def write(writer: Database) -> None:
             try:
                 while not stop.is_set():
+                    # The safe point: between this writer's batches, never inside one.
+                    self.options.stop.check()
                     try:
                         item = batches.get(timeout=0.2)
                     except queue.Empty:
