@@ -69,7 +69,7 @@ def test_wait_outlasts_the_watchdog_and_then_runs(
 def test_a_wait_shorter_than_the_hold_skips(initialized: Balsync, rds, key_prefix, database_url):
     """--wait 1 behind a longer hold: exit 0 as skipped, after about a second."""
     rds.set(f"{key_prefix}1", "15.00")
-    with table_held(database_url, HOLD):
+    with table_held(database_url, WATCHDOG + 1):
         started = time.monotonic()
         result = initialized("sync", "--json", "--force", "--wait", "1", "--retry-timeout", "1")
         took = time.monotonic() - started
