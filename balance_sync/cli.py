@@ -6,11 +6,14 @@ SPEC's exit code; tracebacks go to the log.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -28,11 +31,12 @@ from balance_sync.retention import PruneOptions, run_prune
 from balance_sync.schedule import Crontab, ScheduleChange, balsync_command, schedule_lines
 from balance_sync.schedule import install as install_schedule
 from balance_sync.schedule import uninstall as uninstall_schedule
-from balance_sync.settings import Settings, parse_duration, resolve_settings
+from balance_sync.settings import Settings, mask_text, parse_duration, resolve_settings
 from balance_sync.skipped import DEFAULT_LIMIT as SKIPPED_LIMIT
 from balance_sync.skipped import list_skipped
 from balance_sync.stats import DEFAULT_RUNS, collect_stats
 from balance_sync.status import collect_status
+from balance_sync.stopping import StopRequest
 from balance_sync.sync import DEFAULT_BATCH_SIZE, DEFAULT_MIN_INTERVAL, SyncOptions
 from balance_sync.verify import DEFAULT_LIMIT, VerifyOptions, run_verify
 
@@ -86,6 +90,14 @@ SETTING_OPTIONS = (
         type=click.Choice(["decimal", "cents"]),
         help="How Redis holds money: '1500.00' or integer cents '150000'. "
         "Env: BALSYNC_VALUE_FORMAT. [default: decimal]",
+    ),
+    click.option(
+        "--column-unit",
+        type=click.Choice(["units", "cents"]),
+        help="What one means in the balance column: a unit of money (1500.00 is 1500) or a "
+        "cent (1500.00 is 150000). Required for a column without decimal places (bigint, "
+        "integer, smallint, numeric(p,0)), where balsync cannot tell them apart. "
+        "Env: BALSYNC_COLUMN_UNIT. [default: units for a column with decimals]",
     ),
     click.option(
         "--retry-timeout",
@@ -155,6 +167,7 @@ _SETTING_NAMES = (
     "id_column",
     "balance_column",
     "value_format",
+    "column_unit",
     "retry_timeout",
     "log_file",
     "log_format",
@@ -229,6 +242,7 @@ def _fail(exc: BalsyncError, output: Output) -> NoReturn:
     message = f"balsync: error: {exc.message}"
     if exc.hint:
         message += f" — {exc.hint}"
+    message = mask_text(message)  # a library's text in it may quote a URL with its password
     if exc.__cause__ is not None and not isinstance(exc, ConfigError):
         log.debug("caused by", exc_info=exc.__cause__)
     # The log file (cron's only witness) gets the failure too; stderr gets it once, below.
@@ -237,6 +251,36 @@ def _fail(exc: BalsyncError, output: Output) -> NoReturn:
     )
     click.echo(message, err=True)
     sys.exit(exc.exit_code)
+
+
+# How a stop signal is named in the run record, and its exit code (128 + the signal).
+_STOP_SIGNALS = {
+    signal.SIGTERM: ("terminated by SIGTERM", 143),
+    signal.SIGINT: ("interrupted by SIGINT", 130),
+}
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT ask `stop` to stop the run at its next safe
+    point instead of killing it; a second signal ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals (an embedding program's worker)
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.requested:  # asked twice: the operator wants out now; guarantee 4 holds
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop.request(*_STOP_SIGNALS[signal.Signals(signum)])
+
+    previous = {number: signal.signal(number, handler) for number in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, action in previous.items():
+            signal.signal(number, action)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -253,7 +297,9 @@ def cli() -> None:
     Before a change: balsync sync --dry-run
 
     Exit codes: 0 success or skipped, 1 some records skipped, 2 usage or configuration
-    error, 3 Redis unavailable, 4 PostgreSQL unavailable, 5 any other failure.
+    error, 3 Redis unavailable, 4 PostgreSQL unavailable, 5 any other failure, 130
+    interrupted (SIGINT), 143 terminated (SIGTERM); a run stopped by a signal is recorded
+    failed, after its batch in progress.
     """
 
 
@@ -380,6 +426,9 @@ def sync(
       balsync restore                   # PostgreSQL's value into keys missing from Redis
       balsync sync --on-conflict db     # PostgreSQL wins: its value into each held key
       balsync sync --accept-redis-restart   # Redis wins: trust it, overwrite held rows
+
+    SIGTERM (exit 143) or Ctrl-C (exit 130) stops the run after the batch in progress; it
+    is recorded failed, and metrics and the fail ping go out.
     """
     if ids is not None and on_conflict == "skip":
         raise ConfigError(
@@ -400,7 +449,7 @@ def sync(
     )
     progress = render.SyncProgress(enabled=not (output.json or output.quiet))
     try:
-        with progress.show():
+        with stop_on_signals(options.stop), progress.show():
             result = run_reported(settings, options, on_batch=progress.update)
     except Exception:  # every failure still leaves SPEC's one JSON object on stdout
         if output.json:

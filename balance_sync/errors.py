@@ -47,6 +47,14 @@ class LockLost(BalsyncError):
     exit_code = 5
 
 
+class Stopped(BalsyncError):
+    """A signal asked the run to stop, and it stopped at a safe point (exit 128 + signal)."""
+
+    def __init__(self, message: str, hint: str = "", *, exit_code: int = 143) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code
+
+
 class CrontabError(BalsyncError):
     """The user's crontab cannot be read or written: no crontab command, or a broken block."""
 

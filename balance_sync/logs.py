@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from balance_sync.errors import ConfigError
-from balance_sync.settings import LogFormat
+from balance_sync.settings import LogFormat, mask_text
 
 LOGGER = "balance_sync"
 FILE_ONLY = "balsync_file_only"  # a record's extra: the CLI already told stderr
@@ -29,10 +29,10 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,
-            "message": record.getMessage(),
+            "message": mask_text(record.getMessage()),
         }
         if record.exc_info:
-            data["traceback"] = self.formatException(record.exc_info)
+            data["traceback"] = mask_text(self.formatException(record.exc_info))
         return json.dumps(data, ensure_ascii=False)
 
 
@@ -55,7 +55,15 @@ class OneLineFormatter(logging.Formatter):
     """The message alone, without a traceback: for a person reading stderr."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"balsync: {record.getMessage()}"
+        return mask_text(f"balsync: {record.getMessage()}")
+
+
+class MaskingFormatter(logging.Formatter):
+    """A text line, traceback included, with every password quoted in it masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        # A traceback and a library's message may quote a URL with its password.
+        return mask_text(super().format(record))
 
 
 def setup_logging(
@@ -75,7 +83,7 @@ def setup_logging(
         stderr.setFormatter(
             JsonFormatter()
             if log_format == "json"
-            else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+            else MaskingFormatter("%(asctime)s %(levelname)s %(message)s")
         )
     else:
         stderr.setLevel(logging.ERROR if quiet else logging.WARNING)
@@ -96,6 +104,6 @@ def setup_logging(
         handler.setFormatter(
             JsonFormatter()
             if log_format == "json"
-            else logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s %(message)s")
+            else MaskingFormatter("%(asctime)s %(process)d %(levelname)s %(name)s %(message)s")
         )
         logger.addHandler(handler)

@@ -26,12 +26,13 @@ from balance_sync import __version__, retry
 from balance_sync.errors import (
     BalanceInvalid,
     BalsyncError,
+    ConfigError,
     LockLost,
     PostgresUnavailable,
     SchemaMissing,
 )
-from balance_sync.settings import Settings, TableName, mask_url
-from balance_sync.validation import InvalidRecord, ValidRecord
+from balance_sync.settings import ColumnUnit, Settings, TableName, mask_url
+from balance_sync.validation import MAX_INTEGER_DIGITS, InvalidRecord, ValidRecord, redis_value
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ RAW_VALUE_LIMIT = 200
 # retry budget raises it. Far above a healthy batch merge, short enough that a silent
 # server becomes exit 4 instead of a hung cron job.
 MIN_ATTEMPT_DEADLINE = 30.0
+LOCK_POLL_S = 0.5  # between tries to take a table's lock while --wait lasts
 UNKNOWN_ID = "unknown id: no such row, and the table takes no inserts"
 # How a row of balsync.written is replaced: its last written value, whoever wrote it first.
 _REMEMBER: LiteralString = (
@@ -204,22 +206,47 @@ def text_of(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class BalanceType:
-    """The balance column's capacity: what it can hold without rounding or overflow."""
+    """The balance column's capacity and unit: what it can hold without rounding or overflow,
+    and what one means there (a unit of money, or a cent)."""
 
     name: str  # as PostgreSQL spells it, for messages
     integer_digits: int | None  # None: as wide as balsync's own numeric(20,2)
     scale: int
+    unit: ColumnUnit = "units"
 
-    def problem(self, amount: bytes) -> str | None:
-        """Why `amount` (a valid plain decimal) cannot be stored exactly, or None."""
-        if self.integer_digits is None and self.scale >= 2:
-            return None
-        integer, _, fraction = amount.lstrip(b"-").partition(b".")
+    @property
+    def exact(self) -> bool:
+        """True when every valid amount goes into the column as it is, unchecked."""
+        return self.unit == "units" and self.integer_digits is None and self.scale >= 2
+
+    def to_column(self, amount: bytes) -> bytes | str:
+        """`amount` (a valid plain decimal) as the column holds it, or why it cannot be held
+        exactly (never rounded)."""
+        value = redis_value(amount.decode(), "cents") if self.unit == "cents" else amount
+        if isinstance(value, str):
+            return value
+        integer, _, fraction = value.lstrip(b"-").partition(b".")
         if len(fraction.rstrip(b"0")) > self.scale:
             return f"value needs more decimals than the column's {self.name} (never rounded)"
-        if self.integer_digits is not None and len(integer.lstrip(b"0")) > self.integer_digits:
-            return f"value out of range for the column's {self.name}"
-        return None
+        # Staging is numeric(20,2): a column in cents holds at most 18 digits through it too.
+        digits = MAX_INTEGER_DIGITS if self.integer_digits is None else self.integer_digits
+        if len(integer.lstrip(b"0")) > digits:
+            shown = f"{self.name} in cents" if self.unit == "cents" else self.name
+            return f"value out of range for the column's {shown}"
+        return value
+
+    def amount(self, value: Decimal) -> Decimal:
+        """A value of the column as an amount of money, exactly."""
+        return value.scaleb(-2) if self.unit == "cents" else value
+
+    def amount_text(self, text: str) -> str:
+        """A value of the column as PostgreSQL's text, as an amount's text, exactly."""
+        if self.unit == "units":
+            return text
+        try:
+            return format(self.amount(Decimal(text)), "f")
+        except InvalidOperation:
+            return text  # no number: whoever reads it refuses it as it stands
 
 
 _INTEGER_DIGITS = {"int2": 4, "int4": 9, "int8": 18}  # digits that always fit
@@ -229,17 +256,26 @@ def _balance_type(
     settings: Settings, typname: str, precision: int | None, scale: int | None, spelled: str
 ) -> BalanceType:
     if typname in _INTEGER_DIGITS:
-        return BalanceType(spelled, _INTEGER_DIGITS[typname], 0)
-    if typname == "numeric":
-        if precision is None or scale is None:  # unconstrained numeric
-            return BalanceType(spelled, None, 2)
-        digits = precision - scale
-        return BalanceType(spelled, None if digits >= 18 else digits, scale)
-    raise SchemaMissing(
-        f"column {settings.balance_column!r} of {settings.table} is {spelled}, which cannot "
-        "hold money exactly",
-        "use numeric(20,2) (or another numeric, or an integer type with --value-format cents)",
-    )
+        digits, places = _INTEGER_DIGITS[typname], 0
+    elif typname == "numeric":
+        if precision is None or scale is None:  # unconstrained
+            digits, places = None, 2
+        else:
+            digits, places = (None if precision - scale >= 18 else precision - scale), scale
+    else:
+        raise SchemaMissing(
+            f"column {settings.balance_column!r} of {settings.table} is {spelled}, which cannot "
+            "hold money exactly",
+            "use numeric(20,2) (or another numeric, or an integer type with --column-unit)",
+        )
+    if places == 0 and settings.column_unit is None:
+        # 150000 there is 150000.00 in units or 1500.00 in cents; a guess changes money.
+        raise ConfigError(
+            f"column {settings.balance_column!r} of {settings.table} is {spelled}, which holds "
+            "whole numbers: balsync cannot tell whole units of money from cents",
+            "state it with --column-unit units or --column-unit cents (BALSYNC_COLUMN_UNIT)",
+        )
+    return BalanceType(spelled, digits, places, settings.column_unit or "units")
 
 
 @dataclass(frozen=True)
@@ -535,28 +571,30 @@ class Database:
 
     # -- the per-table lock -------------------------------------------------------------
 
-    def try_lock(self, table: TableName, wait: float) -> bool:
-        """Take the table's session-level advisory lock, waiting up to `wait` seconds."""
+    def try_lock(
+        self, table: TableName, wait: float, pause: Callable[[float], None] = time.sleep
+    ) -> bool:
+        """Take the table's session-level advisory lock, waiting up to `wait` seconds.
 
-        def run(conn: Connection) -> bool:
-            args = (LOCK_CLASS, _ident(table).as_string(conn))
-            if wait <= 0:
-                row = conn.execute(
-                    "SELECT pg_try_advisory_lock(%s, to_regclass(%s)::oid::int4)", args
-                ).fetchone()
-                return bool(row and row[0])
-            conn.execute(
-                sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{int(wait * 1000)}ms"))
-            )
-            try:
-                conn.execute("SELECT pg_advisory_lock(%s, to_regclass(%s)::oid::int4)", args)
-                return True
-            except psycopg.errors.LockNotAvailable:
+        The wait is a series of short tries, each a statement under the watchdog, with
+        `pause` between them: one blocking call that outlasts the watchdog would be cut as
+        a silent server, and a --wait longer than it would end as exit 4.
+        """
+
+        def attempt(conn: Connection) -> bool:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, to_regclass(%s)::oid::int4)",
+                (LOCK_CLASS, _ident(table).as_string(conn)),
+            ).fetchone()
+            return bool(row and row[0])
+
+        give_up = time.monotonic() + wait
+        while not self.call(attempt):
+            left = give_up - time.monotonic()
+            if left <= 0:
                 return False
-            finally:
-                conn.execute("RESET lock_timeout")
-
-        return self.call(run)
+            pause(min(LOCK_POLL_S, left))
+        return True
 
     def unlock(self, table: TableName) -> None:
         """Release the table's advisory lock (closing the connection would too)."""
@@ -922,7 +960,7 @@ class Database:
         )
 
     def table_totals(self, target: TargetTable) -> tuple[int, Decimal]:
-        """Rows of the target table and the exact sum of its balance column."""
+        """Rows of the target table and the exact sum of its balances, as an amount of money."""
         row = self.call(
             lambda conn: conn.execute(
                 sql.SQL("SELECT count(*), coalesce(sum({bal}), 0) FROM {table}").format(
@@ -932,7 +970,7 @@ class Database:
         )
         assert row is not None
         # str() first: an application table may keep money in a float column.
-        return int(row[0]), Decimal(str(row[1]))
+        return int(row[0]), target.balance_type.amount(Decimal(str(row[1])))
 
     def lock_holder(self, table: TableName) -> LockHolder | None:
         """The backend that holds the advisory lock of `table` in this database, if any."""
@@ -965,7 +1003,8 @@ class Database:
     def persisted_balances(
         self, target: TargetTable, ids: Sequence[int]
     ) -> dict[int, Decimal | None]:
-        """The balance PostgreSQL holds for each of `ids` that has a row.
+        """The amount PostgreSQL holds for each of `ids` that has a row (in money, whatever
+        the column's unit).
 
         None where the row holds no number (NULL, text that is none) or where two rows of an
         application table disagree: nothing there can vouch for a Redis value.
@@ -981,6 +1020,8 @@ class Database:
         found: dict[int, Decimal | None] = {}
         for telegram_id, balance in rows:
             value = _exact_decimal(balance)
+            if value is not None:
+                value = target.balance_type.amount(value)
             key = int(telegram_id)
             found[key] = value if found.get(key, value) == value else None
         return found
@@ -989,6 +1030,9 @@ class Database:
         self, target: TargetTable, ids: Sequence[int] | None, batch_size: int
     ) -> Generator[list[tuple[int, str | None]], None, None]:
         """Each row's id and balance as PostgreSQL's text, in id order, `batch_size` at a time.
+
+        The balance is the column's value, in its unit (`BalanceType.amount_text` gives the
+        amount).
 
         A server-side (named) cursor streams the rows, so memory stays constant whatever the
         table's size. Ids below 1 can have no Redis key and are left out; with `ids`, only
@@ -1178,9 +1222,10 @@ class RunLock:
         self._pid: int | None = None
         self._mutex = threading.Lock()  # writer threads share the lock's connection
 
-    def acquire(self, wait: float) -> bool:
-        """Take the lock, waiting up to `wait` seconds; False if another run holds it."""
-        if self.db.try_lock(self.table, wait):
+    def acquire(self, wait: float, pause: Callable[[float], None] = time.sleep) -> bool:
+        """Take the lock, waiting up to `wait` seconds (`pause` between tries); False if
+        another run holds it."""
+        if self.db.try_lock(self.table, wait, pause):
             self._pid = self.db.backend_pid
             return True
         return False

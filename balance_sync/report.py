@@ -14,7 +14,7 @@ from collections.abc import Callable
 from balance_sync.errors import BalsyncError, PostgresUnavailable, RedisUnavailable
 from balance_sync.metrics import RunMetrics, write_metrics
 from balance_sync.ping import send
-from balance_sync.settings import Settings
+from balance_sync.settings import Settings, mask_text
 from balance_sync.sync import BatchReport, SyncOptions, SyncResult, run_sync
 
 UNEXPECTED_EXIT = 5
@@ -39,10 +39,12 @@ def run_reported(
         result = run_sync(settings, options, on_batch)
     except Exception as exc:
         failed = SyncResult(status="failed", dry_run=False, duration_s=time.monotonic() - started)
+        # The body goes to a third party: a library's text may quote a URL with its password.
         if isinstance(exc, BalsyncError):
-            _report(settings, failed, exc.exit_code, str(exc))
+            _report(settings, failed, exc.exit_code, mask_text(str(exc)))
         else:
-            _report(settings, failed, UNEXPECTED_EXIT, f"{type(exc).__name__}: {exc}")
+            error = mask_text(f"{type(exc).__name__}: {exc}")
+            _report(settings, failed, UNEXPECTED_EXIT, error)
         raise
     _report(settings, result, 1 if result.status == "partial" else 0)
     return result

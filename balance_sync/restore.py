@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from balance_sync.errors import ConfigError
-from balance_sync.pg_store import RunLock
+from balance_sync.pg_store import RunLock, TargetTable
 from balance_sync.redis_store import RedisStore
 from balance_sync.session import table_session
 from balance_sync.settings import Settings
@@ -102,7 +102,9 @@ def run_restore(settings: Settings, options: RestoreOptions) -> RestoreResult:
         ) as batches:
             memory = control if lock and control.schema_present() else None
             for rows in batches:
-                restored = _restore_batch(settings, session.redis, lock, rows, result)
+                restored = _restore_batch(
+                    settings, session.redis, lock, rows, result, target=target
+                )
                 if memory is not None:
                     memory.remember(target.table, restored)
         if options.ids is not None:
@@ -126,10 +128,12 @@ def _restore_batch(
     lock: RunLock | None,
     rows: list[tuple[int, str | None]],
     result: RestoreResult,
+    *,
+    target: TargetTable,
 ) -> list[tuple[int, str]]:
     """SET NX one batch of rows (a dry run, `lock` None, only asks which keys exist).
 
-    Returns the (id, balance) of each key it set.
+    Returns the (id, balance) of each key it set, the balance as the column holds it.
     """
     prefix = settings.key_prefix.encode()
     items: list[tuple[bytes, bytes]] = []
@@ -140,7 +144,7 @@ def _restore_batch(
         if balance is None:
             value: bytes | str = "balance is NULL"
         else:
-            value = redis_value(balance, settings.value_format)
+            value = redis_value(target.balance_type.amount_text(balance), settings.value_format)
         if isinstance(value, str):
             result.invalid += 1
             log.warning("not restored %s: %s (%r)", key.decode(), value, balance)

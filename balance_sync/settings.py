@@ -18,6 +18,8 @@ import psycopg
 from balance_sync.errors import ConfigError
 
 ValueFormat = Literal["decimal", "cents"]
+# What one means in a balance column without decimal places: a unit of money, or a cent.
+ColumnUnit = Literal["units", "cents"]
 LogFormat = Literal["text", "json"]
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -83,6 +85,8 @@ class Settings:
     log_format: LogFormat = "text"
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT
     value_format: ValueFormat = "decimal"
+    # None: not stated. A column with decimals then holds units; one without is refused.
+    column_unit: ColumnUnit | None = None
     metrics_file: Path | None = None
     ping_url: str | None = None
     # How long balsync keeps its own records, in seconds; None: for ever (retention off).
@@ -274,6 +278,20 @@ def mask_url(url: str) -> str:
     return _CONNINFO_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url))
 
 
+# A URL's password inside free text (an exception's message): the userinfo after `user:` up
+# to the last @ before a blank, since the password may itself hold @, / or # unencoded.
+_TEXT_USERINFO_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@?#\s]*:)\S*@")
+
+
+def mask_text(text: str) -> str:
+    """Hide every password in free text: URLs and conninfo strings quoted by any message.
+
+    For what balsync does not compose itself (an exception's text from a library), before
+    it goes anywhere a person or another service reads it: the run record, a ping, a log.
+    """
+    return _CONNINFO_PASSWORD.sub(r"\1***", _TEXT_USERINFO_PASSWORD.sub(r"\1***@", text))
+
+
 def _number(raw: object, name: str, *, minimum: float) -> float:
     try:
         value = float(str(raw))
@@ -350,6 +368,12 @@ def _choice(raw: str, name: str, allowed: tuple[str, ...]) -> str:
     if raw not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {raw!r}")
     return raw
+
+
+def _column_unit(raw: str | None) -> ColumnUnit | None:
+    if raw is None:
+        return None
+    return _choice(raw, "column unit", ("units", "cents"))  # type: ignore[return-value]
 
 
 def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str, str]) -> Settings:
@@ -438,6 +462,7 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
             "value format",
             ("decimal", "cents"),
         ),
+        column_unit=_column_unit(pick("column_unit", "BALSYNC_COLUMN_UNIT")),
         metrics_file=Path(metrics_file) if metrics_file else None,
         ping_url=ping_url or None,
         keep_runs=keep_runs,

@@ -31,7 +31,8 @@ from balance_sync.pg_store import (
 from balance_sync.redis_store import RedisStore
 from balance_sync.restart_guard import RestartGuard
 from balance_sync.retention import prune_after_sync
-from balance_sync.settings import Settings, TableName
+from balance_sync.settings import Settings, TableName, mask_text
+from balance_sync.stopping import StopRequest
 from balance_sync.validation import (
     InvalidRecord,
     ValidRecord,
@@ -66,6 +67,8 @@ class SyncOptions:
     writers: int = DEFAULT_WRITERS
     incremental: bool = False
     resolve_ids: frozenset[int] | None = None  # --ids: the conflicts --on-conflict resolves
+    # Set from outside (the CLI's signal handlers): stop before the next batch.
+    stop: StopRequest = field(default_factory=StopRequest, compare=False, repr=False)
 
     @property
     def full_scan(self) -> bool:
@@ -231,7 +234,7 @@ def run_sync(
 
 def _gate(options: SyncOptions, control: Database, lock: RunLock, table: TableName) -> str:
     """Why this run must not go ahead (another one runs, or one finished recently), or ''."""
-    if not lock.acquire(options.wait):
+    if not lock.acquire(options.wait, options.stop.pause):
         return f"another run holds the lock on {table}"
     if not options.force:
         age = control.last_success_age(table)
@@ -298,7 +301,11 @@ def _record_failure(
     _finish(result, started)
     try:
         control.finish_run(
-            result.run_id, "failed", result.counters(), result.duration_s, str(exc)[:2000]
+            result.run_id,
+            "failed",
+            result.counters(),
+            result.duration_s,
+            mask_text(str(exc))[:2000],  # a library's text may quote a URL with its password
         )
     except BalsyncError:
         log.warning("could not record the failure of run %s", result.run_id)
@@ -310,13 +317,13 @@ def _read_batches(
     """Scan, validate and group records into batches of `batch_size` valid records.
 
     A value the target's balance column cannot hold exactly (an application table's
-    narrower numeric or integer column) is invalid too: skipped, never rounded.
+    narrower numeric or integer column) is invalid too: skipped, never rounded. A column in
+    cents gets each amount as its exact number of cents.
     """
     prefix_length = len(settings.key_prefix.encode())
-    narrow = column.integer_digits is not None or column.scale < 2
     # Pages of common records take a path with no per-record Python; `raw` is kept per
-    # record only for --on-conflict db, and narrow columns check every value.
-    bulk = settings.value_format == "decimal" and not narrow and options.on_conflict != "db"
+    # record only for --on-conflict db, and other columns check or convert every value.
+    bulk = settings.value_format == "decimal" and column.exact and options.on_conflict != "db"
     batcher = _Batcher(options.batch_size, keep_raw=options.on_conflict == "db")
     if options.incremental and not options.force:
         pages = redis.dirty_pages(settings.key_prefix, include_unclaimed=options.dry_run)
@@ -337,9 +344,14 @@ def _read_batches(
             allow_negative=options.allow_negative,
         ):
             problem = None
-            if narrow and not isinstance(checked, InvalidRecord):
-                problem = column.problem(checked[1])
-            yield from batcher.add(key[prefix_length:], key, raw, checked, problem)
+            record = checked
+            if not column.exact and not isinstance(checked, InvalidRecord):
+                held = column.to_column(checked[1])
+                if isinstance(held, str):
+                    problem = held
+                else:
+                    record = (checked[0], held)
+            yield from batcher.add(key[prefix_length:], key, raw, record, problem)
     if batcher.batch.keys:
         yield batcher.batch
 
@@ -467,6 +479,8 @@ class _Writing:
         def write(writer: Database) -> None:
             try:
                 while not stop.is_set():
+                    # The safe point: between this writer's batches, never inside one.
+                    self.options.stop.check()
                     try:
                         item = batches.get(timeout=0.2)
                     except queue.Empty:
@@ -591,7 +605,8 @@ class _Writing:
         items: list[tuple[bytes, bytes, bytes]] = []
         ids: list[int] = []
         for c in conflicts:
-            value = redis_value(str(c.db_value), self.settings.value_format)
+            amount = self.target.balance_type.amount(c.db_value)
+            value = redis_value(format(amount, "f"), self.settings.value_format)
             if isinstance(value, str):
                 log.warning("Redis key %s%d left as it is: %s", prefix, c.telegram_id, value)
                 continue

@@ -251,7 +251,8 @@ class _Comparison:
         keys = [prefix + b"%d" % telegram_id for telegram_id, _ in rows]
         present = self.redis.existing(keys)
         result.pg_rows += len(rows)
-        for (telegram_id, balance), key, exists in zip(rows, keys, present, strict=True):
+        for (telegram_id, value), key, exists in zip(rows, keys, present, strict=True):
+            balance = None if value is None else self.target.balance_type.amount_text(value)
             amount = _number(balance)
             if amount is not None:
                 result.pg_sum = _EXACT.add(result.pg_sum, amount)

@@ -2,87 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from balance_sync.ping import mask_ping_url, ping_url, send
-from tests.netutil import closed_port
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One request the server received."""
-
-    method: str
-    path: str
-    body: bytes
-
-    def json(self) -> dict[str, object]:
-        data = json.loads(self.body)
-        assert isinstance(data, dict)
-        return data
-
-
-@dataclass
-class PingServer:
-    """Records every request; answers with `answers` in turn, then 200."""
-
-    url: str
-    token: str
-    hits: list[Hit] = field(default_factory=list)
-    answers: list[int] = field(default_factory=list)
-    delay: float = 0.0
-
-    def routes(self) -> list[tuple[str, str]]:
-        """(method, path below the check's URL) of every request, in order."""
-        prefix = f"/ping/{self.token}"
-        return [(hit.method, hit.path.removeprefix(prefix) or "/") for hit in self.hits]
+from tests.netutil import PingServer, closed_port, ping_server
 
 
 @pytest.fixture
 def server() -> Iterator[PingServer]:
     """A healthchecks-like endpoint on 127.0.0.1, whose check URL carries a secret token."""
-    state: list[PingServer] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            ping = state[0]
-            length = int(self.headers.get("Content-Length") or 0)
-            ping.hits.append(Hit(self.command, self.path, self.rfile.read(length)))
-            time.sleep(ping.delay)
-            code = ping.answers.pop(0) if ping.answers else 200
-            self.send_response(code)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"OK")
-
-        do_GET = do_POST = do_HEAD = _answer
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-
-        def handle_error(self, *_: object) -> None:
-            pass  # a client that timed out and hung up is what the timeout test wants
-
-    httpd = Server(("127.0.0.1", 0), Handler)
-    token = str(uuid.uuid4())
-    state.append(PingServer(f"http://127.0.0.1:{httpd.server_port}/ping/{token}", token))
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield state[0]
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    with ping_server() as ping:
+        yield ping
 
 
 def test_success_pings_start_then_the_url_with_the_summary(initialized, rds, key_prefix, server):

@@ -22,9 +22,12 @@ from click.testing import CliRunner, Result
 from psycopg import sql
 
 from balance_sync.cli import cli
+from balance_sync.errors import BalsyncError
 from balance_sync.pg_store import text_of
+from balance_sync.redis_store import RedisStore
 from tests.conftest import Balsync, balances
 from tests.devservers import PostgresServer, ValkeyServer, free_port
+from tests.netutil import ping_server
 
 PG_PASSWORD = "PgSecret456"  # noqa: S105 - the throwaway servers' own
 REDIS_PASSWORD = "RedisSecret123"  # noqa: S105
@@ -65,6 +68,7 @@ _INHERITED = (
     "BALSYNC_VALUE_FORMAT",
     "BALSYNC_KEEP_RUNS",
     "BALSYNC_KEEP_SKIPPED",
+    "BALSYNC_COLUMN_UNIT",
 )
 
 # Sensible arguments per command: everything it may do, nothing that leaves this machine's
@@ -612,3 +616,56 @@ def test_hostile_key_prefix_is_only_data(initialized, rds, key_prefix, pg):
     assert balances(pg) == {5: "5.00"}
     row = pg.execute("SELECT key_prefix FROM balsync.sync_runs ORDER BY id DESC LIMIT 1")
     assert row.fetchone() == (prefix,)
+
+
+# -- no password in the run record or the ping body ------------------------------------------
+
+# Texts a failure may carry from a library: a URL with its password, also unencoded / # ? @,
+# in the middle of a sentence, and a conninfo string.
+LEAKY_TEXTS = {
+    "url": f"connection to postgresql://u:{PG_PASSWORD}@127.0.0.1:5432/app failed",
+    "redis-url": f"cannot reach redis://:{REDIS_PASSWORD}@127.0.0.1:6379/0, giving up",
+    "unencoded-slash": f"cannot reach redis://:{REDIS_PASSWORD}/x@127.0.0.1:6379/0",
+    "unencoded-hash": f"cannot reach redis://:{REDIS_PASSWORD}#x@127.0.0.1:6379/0",
+    "unencoded-question-mark": f"bad postgresql://u:{PG_PASSWORD}?x@127.0.0.1/app: no",
+    "unencoded-at": f"bad postgresql://u:{PG_PASSWORD}@x@127.0.0.1/app: no",
+    "conninfo": f"conninfo host=127.0.0.1 password={PG_PASSWORD} dbname=app rejected",
+    "conninfo-quoted": f"conninfo host=127.0.0.1 password='{PG_PASSWORD} x' dbname=app rejected",
+}
+
+
+@pytest.mark.parametrize("unexpected", [True, False], ids=["unexpected", "balsync-error"])
+@pytest.mark.parametrize("text", LEAKY_TEXTS.values(), ids=LEAKY_TEXTS.keys())
+def test_a_failure_s_password_stays_out_of_the_run_record_and_the_ping(
+    seeded: LockedServers, tmp_path, monkeypatch, unexpected: bool, text: str
+):
+    """A run failing with a password in its exception text: sync_runs.error and the fail
+    ping's body (received on loopback) hold the failure, masked; so do output and log."""
+
+    def fail(*_: object) -> int:
+        # A fault a real server cannot be made to produce: a library quoting the URL.
+        raise RuntimeError(text) if unexpected else BalsyncError(text)
+
+    monkeypatch.setattr(RedisStore, "claim_dirty", fail)
+    log = tmp_path / "failed.log"
+    with ping_server() as ping:
+        env = base_env(seeded.pg_url(), seeded.redis_url(), BALSYNC_PING_URL=ping.url)
+        result = invoke(["sync", "--force", "-v", "--log-file", str(log)], env)
+        assert result.exit_code == 5, result.stderr
+        assert ping.routes() == [("GET", "/start"), ("POST", "/fail")]
+        body = ping.hits[-1].body.decode()
+    with psycopg.connect(seeded.pg_url(), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT status, error FROM balsync.sync_runs ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+    assert row is not None
+    status, error = row
+    assert status == "failed"
+    for secret in SECRETS:
+        assert secret not in str(error), error
+        assert secret not in body, body
+    # What the failure says is kept, only the password is gone.
+    assert "***" in str(error)
+    assert "***" in json.loads(body)["error"]
+    assert ("rejected" if "conninfo" in text else "127.0.0.1") in str(error)
+    assert_no_secret(result, log, text)

@@ -75,6 +75,7 @@ ROWS = [
     Row("log_format", "BALSYNC_LOG_FORMAT", "text", "json", "text", "json", "text"),
     Row("retry_timeout", "BALSYNC_RETRY_TIMEOUT", 7.5, "12", 7.5, 12.0, 60.0),
     Row("value_format", "BALSYNC_VALUE_FORMAT", "decimal", "cents", "decimal", "cents", "decimal"),
+    Row("column_unit", "BALSYNC_COLUMN_UNIT", "units", "cents", "units", "cents", None),
     Row(
         "metrics_file",
         "BALSYNC_METRICS_FILE",
@@ -393,6 +394,7 @@ def test_table_names_plain_and_schema_qualified(text: str, expected: TableName) 
         pytest.param({"retry_timeout": "nan"}, id="retry-nan"),
         pytest.param({"retry_timeout": float("nan")}, id="retry-float-nan"),
         pytest.param({"value_format": "dollars"}, id="value-format"),
+        pytest.param({"column_unit": "pennies"}, id="column-unit"),
         pytest.param({"log_format": "xml"}, id="log-format"),
         pytest.param({"ping_url": "ftp://hc.example/ping"}, id="ping-url-scheme"),
     ],
