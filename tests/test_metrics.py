@@ -21,6 +21,7 @@ NAMES = {
     "balsync_last_run_status",
     "balsync_redis_up",
     "balsync_postgres_up",
+    "balsync_redis_restart_pending",
 }
 DOWN = {"BALSYNC_RETRY_TIMEOUT": "0"}
 
@@ -68,7 +69,7 @@ def dead_postgres() -> str:
 def test_success_writes_every_metric_labelled_with_the_table(
     initialized, rds, key_prefix, tmp_path
 ):
-    """A successful sync writes all seven metrics, each with table=, and stdout stays JSON."""
+    """A successful sync writes every metric, each with table=, and stdout stays JSON."""
     rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "20.00"})
     path = tmp_path / "balsync.prom"
     before = time.time()
@@ -91,6 +92,7 @@ def test_success_writes_every_metric_labelled_with_the_table(
     assert metrics(LAST_SUCCESS) == metrics(LAST_RUN)
     assert 0 < metrics("balsync_last_run_duration_seconds") < 60
     assert (metrics("balsync_redis_up"), metrics("balsync_postgres_up")) == (1, 1)
+    assert metrics("balsync_redis_restart_pending") == 0
 
 
 def test_partial_run_counts_invalid_records_and_is_a_success_in_time(
@@ -260,3 +262,11 @@ def test_a_garbled_previous_file_is_replaced(tmp_path):
     assert previous_success(path, TABLE) is None
     assert write_metrics(path, run_metrics("failed", 2000.0))
     assert Metrics(path).status() == "failed"
+
+
+def test_restart_pending_is_written_as_one(tmp_path):
+    """A run that holds rows after a Redis restart sets balsync_redis_restart_pending to 1."""
+    path = tmp_path / "balsync.prom"
+    run = RunMetrics(TABLE, "partial", 1000.0, 0.5, {}, True, True, restart_pending=True)
+    assert write_metrics(path, run)
+    assert Metrics(path)("balsync_redis_restart_pending") == 1
