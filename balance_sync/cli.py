@@ -114,8 +114,8 @@ SETTING_OPTIONS = (
     click.option(
         "--ping-url",
         metavar="URL",
-        help="Dead man's switch: request URL/start, then URL on success or URL/fail "
-        "(healthchecks.io style). Env: BALSYNC_PING_URL.",
+        help="Dead man's switch: request URL/start, then URL/<exit code> (healthchecks.io "
+        "style), both with ?rid=<run uuid>. Env: BALSYNC_PING_URL.",
     ),
 )
 OUTPUT_OPTIONS = (
