@@ -19,6 +19,7 @@ import click
 from balance_sync import __version__, render
 from balance_sync.cache import ClearOptions, ClearResult, clear_cache
 from balance_sync.errors import BalsyncError, ConfigError
+from balance_sync.estimate import expected_keys
 from balance_sync.health import DEFAULT_MAX_AGE, check_health
 from balance_sync.logs import FILE_ONLY, LOGGER, setup_logging
 from balance_sync.pg_store import Database, OnConflict
@@ -384,6 +385,8 @@ def sync(
         resolve_ids=None if ids is None else frozenset(parse_ids(ids)),
     )
     progress = render.SyncProgress(enabled=not (output.json or output.quiet))
+    if progress.enabled:  # a person watches: worth two quick reads for a total and time left
+        progress.total = expected_keys(settings, options)
     try:
         with progress.show():
             result = run_reported(settings, options, on_batch=progress.update)

@@ -15,11 +15,15 @@ from rich.console import Console, ConsoleOptions, JustifyMethod, RenderableType,
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    Task,
+    TaskID,
+    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -165,13 +169,30 @@ def sync_table(result: SyncResult, target: str) -> Table:
     return table
 
 
-class SyncProgress:
-    """A progress bar on stderr while a sync runs; a no-op when stderr is no terminal."""
+class KeysColumn(ProgressColumn):
+    """`400,000 of ~500,000 keys`: the total is an estimate, and says so."""
 
-    def __init__(self, enabled: bool) -> None:
+    def render(self, task: Task) -> Text:
+        """The keys read so far, and the estimate when there is one."""
+        done = f"{int(task.completed):,}"
+        if task.total is None:
+            return Text(f"{done} keys")
+        return Text(f"{done} of ~{int(task.total):,} keys")
+
+
+class SyncProgress:
+    """A progress bar on stderr while a sync runs; a no-op when stderr is no terminal.
+
+    With an estimated `total` (the CLI sets it, see balance_sync.estimate) it shows the
+    percentage and the time left; a run that reads more than estimated raises the total as
+    it goes, so the bar never passes 100%.
+    """
+
+    def __init__(self, enabled: bool, total: int | None = None) -> None:
         self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
         self._progress: Progress | None = None
-        self._task: object = None
+        self._task: TaskID | None = None
 
     @contextmanager
     def show(self) -> Iterator[SyncProgress]:
@@ -183,23 +204,31 @@ class SyncProgress:
             SpinnerColumn(),
             TextColumn("syncing"),
             BarColumn(bar_width=None),
-            MofNCompleteColumn(),
-            TextColumn("keys"),
+            TaskProgressColumn(),
+            KeysColumn(),
             TimeElapsedColumn(),
+            TextColumn("elapsed,"),
+            TimeRemainingColumn(),
+            TextColumn("left"),
             console=stderr_console(),
             transient=True,
             redirect_stderr=True,
         )
         with progress:
             self._progress = progress
-            self._task = progress.add_task("sync", total=None)
+            self._task = progress.add_task("sync", total=self.total or None)
             yield self
         self._progress = None
 
     def update(self, report: BatchReport) -> None:
         """Advance the bar after a batch."""
-        if self._progress is not None:
-            self._progress.update(self._task, completed=report.total_processed)  # type: ignore[arg-type]
+        if self._progress is None or self._task is None:
+            return
+        done = report.total_processed
+        if self.total and done > self.total:
+            self.total = done
+            self._progress.update(self._task, total=done)
+        self._progress.update(self._task, completed=done)
 
 
 def conflict_json(conflict: Conflict) -> dict[str, object]:
