@@ -26,16 +26,24 @@ def seeded(initialized, rds, key_prefix):
     return initialized
 
 
+ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 def on_terminal(env: dict[str, str], *args: str) -> str:
-    """Run balsync with its stderr on a pseudo-terminal, as a person at a shell does; what
-    the terminal showed."""
+    """What a person at a terminal sees of balsync's stderr, escape sequences removed."""
+    return ESCAPE.sub("", terminal_output(env, *args))
+
+
+def terminal_output(env: dict[str, str], *args: str, stream: str = "stderr") -> str:
+    """Run balsync with its stderr (or stdout) on a pseudo-terminal, as a person at a shell
+    does, the other stream discarded; all the terminal received, escape sequences included."""
     controller, terminal = pty.openpty()
+    streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: terminal}
     run = subprocess.Popen(
         [sys.executable, "-m", "balance_sync", *args],
         env={**os.environ, **env, "COLUMNS": "120", "TERM": "xterm"},
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=terminal,
+        **streams,
     )
     os.close(terminal)
     shown = bytearray()
@@ -49,7 +57,7 @@ def on_terminal(env: dict[str, str], *args: str) -> str:
         shown += chunk
     os.close(controller)
     assert run.wait(timeout=60) == 0
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    return shown.decode(errors="replace")
 
 
 def test_bar_shows_percentage_and_time_left_against_the_last_runs_count(seeded, env):
