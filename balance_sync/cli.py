@@ -34,6 +34,7 @@ from balance_sync.skipped import list_skipped
 from balance_sync.stats import DEFAULT_RUNS, collect_stats
 from balance_sync.status import collect_status
 from balance_sync.sync import DEFAULT_BATCH_SIZE, DEFAULT_MIN_INTERVAL, SyncOptions
+from balance_sync.systemd import Systemctl
 from balance_sync.verify import DEFAULT_LIMIT, VerifyOptions, run_verify
 
 log = logging.getLogger(LOGGER)
@@ -781,19 +782,23 @@ def stats(*, settings: Settings, output: Output, runs: int) -> int:
 @cli.command("status")
 @command
 def status(*, settings: Settings, output: Output) -> int:
-    """Say whether a sync is running, how the last one ended, and when cron starts the next.
+    """Say whether a sync is running, how the last one ended, and when the next ones start.
 
     A running sync is the holder of the target table's advisory lock: its PostgreSQL
     backend, and host, pid and start from its run record. The next three start times
-    come from this user's crontab (`crontab -l`, the lines that start balsync); without
-    cron or a crontab, status says so. Changes nothing; Redis is not needed.
+    come from this user's crontab (`crontab -l`, the lines that start balsync), and
+    balsync's systemd timers from `systemctl list-timers 'balsync*'`
+    (BALSYNC_SYSTEMCTL_COMMAND names another, e.g. `systemctl --user`); without either,
+    status says so. Changes nothing; Redis is not needed.
 
     \b
     Examples:
       balsync status
       balsync status --json | jq .running
     """
-    report = collect_status(settings, Crontab.from_environ(os.environ))
+    report = collect_status(
+        settings, Crontab.from_environ(os.environ), systemctl=Systemctl.from_environ(os.environ)
+    )
     if output.json:
         render.print_json(report.to_json())
     elif not output.quiet:

@@ -535,7 +535,7 @@ def stats_views(report: StatsReport) -> list[RenderableType]:
 
 
 def status_table(report: StatusReport) -> Table:
-    """Whether a sync runs, how the last one ended, and when cron starts the next ones."""
+    """Whether a sync runs, how the last one ended, and when cron or systemd start the next."""
     table = labelled_table(f"Status of {report.table}", values="left")
     holder, run = report.holder, report.current_run
     if holder is None:
@@ -578,8 +578,24 @@ def status_table(report: StatusReport) -> Table:
         table.add_row("last run", summary)
         if last.error:
             table.add_row("", f"[red]{escape(last.error)}[/]")
+    _schedule_rows(table, report)
+    return table
+
+
+def _schedule_rows(table: Table, report: StatusReport) -> None:
+    """What starts balsync next: its systemd timers, its crontab lines and their times."""
     schedule = report.schedule
-    table.add_row("crontab", escape(schedule.detail))
+    for number, timer in enumerate(report.timers):
+        when = f"next {_when(timer.next_at)}" if timer.next_at else "not scheduled"
+        if timer.last_at is not None:
+            when += f", last {_when(timer.last_at)}"
+        table.add_row(
+            "systemd timers" if number == 0 else "",
+            f"{escape(timer.unit)} → {escape(timer.activates)}: {when}",
+        )
+    # Where systemd starts balsync, a missing crontab is expected, not news.
+    if schedule.entries or not report.timers:
+        table.add_row("crontab", escape(schedule.detail))
     for entry in schedule.entries:
         table.add_row("", escape(entry.line))
     for number, fire in enumerate(schedule.next_runs):
@@ -587,7 +603,6 @@ def status_table(report: StatusReport) -> Table:
             "next runs" if number == 0 else "",
             f"{_when(fire.at)}  {escape(fire.entry.command)}",
         )
-    return table
 
 
 def schedule_message(change: ScheduleChange) -> str:
