@@ -64,6 +64,7 @@ def _report(
             records=result.counters(),
             redis_up=exit_code != RedisUnavailable.exit_code,
             postgres_up=exit_code != PostgresUnavailable.exit_code,
+            restart_pending=result.restart_pending,
         )
         write_metrics(settings.metrics_file, run)
     if settings.ping_url is not None:

@@ -7,9 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from balance_sync.metrics import RunMetrics, previous_success, write_metrics
+from tests.conftest import Balsync
+from tests.devservers import ValkeyServer
 from tests.netutil import closed_port
 
 TABLE = "user_balances"
@@ -270,3 +273,27 @@ def test_restart_pending_is_written_as_one(tmp_path):
     run = RunMetrics(TABLE, "partial", 1000.0, 0.5, {}, True, True, restart_pending=True)
     assert write_metrics(path, run)
     assert Metrics(path)("balsync_redis_restart_pending") == 1
+
+
+def test_a_pending_redis_restart_sets_the_gauge_until_it_is_accepted(
+    initialized, key_prefix, tmp_path
+):
+    """Rows held after a restart of Redis: 1; after --accept-redis-restart: 0 again."""
+    server = ValkeyServer(tmp_path / "valkey").start()
+    try:
+        tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": server.url})
+        path = str(tmp_path / "balsync.prom")
+        with redis.Redis.from_url(server.url) as client:
+            client.mset({f"{key_prefix}1": "1500.00", f"{key_prefix}2": "20.00"})
+        tool.ok("sync", "--force", "--metrics-file", path)
+        assert Metrics(Path(path))("balsync_redis_restart_pending") == 0
+        server.stop()
+        server.start()  # back empty: nothing is on disk
+        with redis.Redis.from_url(server.url) as client:
+            client.set(f"{key_prefix}1", "5.00")
+        assert tool("sync", "--force", "--metrics-file", path).exit_code == 1
+        assert Metrics(Path(path))("balsync_redis_restart_pending") == 1
+        tool.ok("sync", "--force", "--accept-redis-restart", "--metrics-file", path)
+        assert Metrics(Path(path))("balsync_redis_restart_pending") == 0
+    finally:
+        server.stop()
