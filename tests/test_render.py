@@ -123,7 +123,8 @@ def scene(initialized: Balsync, rds, key_prefix, pg) -> Balsync:
         """INSERT INTO balsync.sync_runs (target_table, key_prefix, started_at, finished_at,
                status, processed, inserted, updated, skipped, invalid, duration_s, host, pid,
                version)
-           SELECT 'user_balances', %s, now() - g * interval '1 hour',
+           SELECT (SELECT target_table FROM balsync.sync_runs LIMIT 1), %s,  -- as recorded
+               now() - g * interval '1 hour',
                now() - g * interval '1 hour' + interval '20 min', 'success', %s, %s, %s, %s, 0,
                12345.678, 'db1', 4242, '0.1.0'
            FROM generate_series(1, 3) AS g""",
