@@ -6,8 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := .demo
 PYTEST_ARGS ?=
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+ENGINE ?= docker
+IMAGE ?= balsync:$(VERSION)
 
-.PHONY: help install demo demo-stop test test-faults lint format bench clean
+.PHONY: help install demo demo-stop test test-faults lint format bench image clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,6 +59,9 @@ lint: install ## ruff and mypy --strict
 format: install ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format balance_sync tests bench
 	$(BIN)/ruff check --fix balance_sync tests bench
+
+image: ## build the container image of deploy/kubernetes (IMAGE=balsync:VERSION, ENGINE=docker|podman)
+	$(ENGINE) build -t $(IMAGE) .
 
 clean: ## remove the virtualenv, caches and the demo's data (stop the demo first)
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -22,6 +22,7 @@ import click
 from balance_sync import __version__, render
 from balance_sync.cache import READ_THROUGH, ClearOptions, ClearResult, clear_cache
 from balance_sync.errors import BalsyncError, ConfigError
+from balance_sync.estimate import expected_keys
 from balance_sync.health import DEFAULT_MAX_AGE, check_health
 from balance_sync.logs import FILE_ONLY, LOGGER, setup_logging
 from balance_sync.pg_store import Database, OnConflict
@@ -38,6 +39,7 @@ from balance_sync.stats import DEFAULT_RUNS, collect_stats
 from balance_sync.status import collect_status
 from balance_sync.stopping import StopRequest
 from balance_sync.sync import DEFAULT_BATCH_SIZE, DEFAULT_MIN_INTERVAL, SyncOptions
+from balance_sync.systemd import Systemctl
 from balance_sync.verify import DEFAULT_LIMIT, VerifyOptions, run_verify
 
 log = logging.getLogger(LOGGER)
@@ -127,8 +129,8 @@ SETTING_OPTIONS = (
     click.option(
         "--ping-url",
         metavar="URL",
-        help="Dead man's switch: request URL/start, then URL on success or URL/fail "
-        "(healthchecks.io style). Env: BALSYNC_PING_URL.",
+        help="Dead man's switch: request URL/start, then URL/<exit code> (healthchecks.io "
+        "style), both with ?rid=<run uuid>. Env: BALSYNC_PING_URL.",
     ),
     click.option(
         "--keep-runs",
@@ -448,6 +450,8 @@ def sync(
         resolve_ids=None if ids is None else frozenset(parse_ids(ids)),
     )
     progress = render.SyncProgress(enabled=not (output.json or output.quiet))
+    if progress.enabled:  # a person watches: worth two quick reads for a total and time left
+        progress.total = expected_keys(settings, options)
     try:
         with stop_on_signals(options.stop), progress.show():
             result = run_reported(settings, options, on_batch=progress.update)
@@ -905,19 +909,23 @@ def stats(*, settings: Settings, output: Output, runs: int) -> int:
 @cli.command("status")
 @command
 def status(*, settings: Settings, output: Output) -> int:
-    """Say whether a sync is running, how the last one ended, and when cron starts the next.
+    """Say whether a sync is running, how the last one ended, and when the next ones start.
 
     A running sync is the holder of the target table's advisory lock: its PostgreSQL
     backend, and host, pid and start from its run record. The next three start times
-    come from this user's crontab (`crontab -l`, the lines that start balsync); without
-    cron or a crontab, status says so. Changes nothing; Redis is not needed.
+    come from this user's crontab (`crontab -l`, the lines that start balsync), and
+    balsync's systemd timers from `systemctl list-timers 'balsync*'`
+    (BALSYNC_SYSTEMCTL_COMMAND names another, e.g. `systemctl --user`); without either,
+    status says so. Changes nothing; Redis is not needed.
 
     \b
     Examples:
       balsync status
       balsync status --json | jq .running
     """
-    report = collect_status(settings, Crontab.from_environ(os.environ))
+    report = collect_status(
+        settings, Crontab.from_environ(os.environ), systemctl=Systemctl.from_environ(os.environ)
+    )
     if output.json:
         render.print_json(report.to_json())
     elif not output.quiet:

@@ -25,6 +25,7 @@ STATUSES: tuple[Status, ...] = ("success", "partial", "skipped", "failed")
 # Statuses after which every valid balance is in PostgreSQL (SPEC: exit 0 or 1, not skipped).
 SUCCEEDED: tuple[Status, ...] = ("success", "partial")
 LAST_SUCCESS = "balsync_last_success_timestamp_seconds"
+RESTART_PENDING = "balsync_redis_restart_pending"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class RunMetrics:
     redis_up: bool
     postgres_up: bool
     pruned: Mapping[str, int] = field(default_factory=dict)  # rows retention deleted, by table
+    # Redis restarted and rows are held until an operator accepts it (`--accept-redis-restart`).
+    restart_pending: bool = False
 
 
 def write_metrics(path: Path, run: RunMetrics) -> bool:
@@ -100,6 +103,12 @@ def _registry(run: RunMetrics, last_success: float | None) -> CollectorRegistry:
             "balsync_postgres_up",
             "0 when the last sync gave up on PostgreSQL (exit 4).",
             run.postgres_up,
+        ),
+        (
+            RESTART_PENDING,
+            "1 while rows are held because Redis restarted, until a run with "
+            "--accept-redis-restart (or evidence that nothing was lost) trusts it again.",
+            run.restart_pending,
         ),
     )
     for name, documentation, value in one_value:

@@ -422,6 +422,23 @@ class RedisStore:
             policy_source=policy_source,
         )
 
+    def database_size(self) -> int:
+        """Every key of the database, whatever its name (DBSIZE; a cluster's primaries summed).
+
+        Read in constant time: an upper bound on the balance keys, where counting them with
+        SCAN would cost as much as the sync itself.
+        """
+        if self.cluster:
+            return sum(
+                int(self._call(self._cluster.get_redis_connection(node).dbsize))
+                for node in self._primaries()
+            )
+        return int(self._call(self.client.dbsize))
+
+    def marked_count(self, prefix: str) -> int:
+        """How many ids wait in the dirty set and in a claim (SCARD): an incremental run's work."""
+        return sum(int(self._call(partial(self.client.scard, name))) for name in dirty_keys(prefix))
+
     def count_keys(self, prefix: str) -> int:
         """How many keys lie under `prefix`, counted with SCAN (DBSIZE would count every key).
 

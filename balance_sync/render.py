@@ -7,17 +7,23 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TextIO
+from decimal import Decimal
+from typing import Any, TextIO
 
-from rich.console import Console, RenderableType
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, JustifyMethod, RenderableType, RenderResult
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
+    Task,
+    TaskID,
+    TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -67,11 +73,78 @@ def styled(status: str) -> str:
     return f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]"
 
 
+# Numbers are never cut, at any width: their columns neither wrap nor shrink, and the text
+# columns beside them give way instead, folding where a word is longer than the column. Where
+# even that leaves a text column too narrow to read, the table is stacked: one block of
+# heading: value lines per row.
+TEXT_MIN_WIDTH = 8
+
+
+class FittingTable(Table):
+    """A table with a header that stacks its rows where its numbers would not fit whole."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self.show_header and self.box is not None and _needed_width(self) > options.max_width:
+            yield _stacked(self)
+        else:
+            yield from super().__rich_console__(console, options)
+
+
+def _needed_width(table: Table) -> int:
+    """The width of `table` with every number whole and text columns at TEXT_MIN_WIDTH."""
+    needed = len(table.columns) + 1  # the vertical lines
+    for column in table.columns:
+        widest = max(_cell_width(cell) for cell in (column.header, *column.cells))
+        needed += 2 + (widest if column.no_wrap else min(widest, TEXT_MIN_WIDTH))
+    return needed
+
+
+def _cell_width(cell: RenderableType) -> int:
+    if isinstance(cell, str):
+        cell = Text.from_markup(cell)
+    if not isinstance(cell, Text):
+        return 0
+    return max((cell_len(line) for line in cell.plain.splitlines()), default=0)
+
+
+def _stacked(table: Table) -> Table:
+    """The rows of `table` as blocks of "heading: value" lines, a rule between two rows."""
+    stacked = labelled_table(str(table.title or ""), values="left")
+    headings = [Text.from_markup(str(c.header)).plain.replace("\n", " ") for c in table.columns]
+    columns = [list(column.cells) for column in table.columns]
+    for index in range(table.row_count):
+        if index:
+            stacked.add_section()
+        for heading, cells in zip(headings, columns, strict=True):
+            stacked.add_row(heading, cells[index])
+    return stacked
+
+
+def number_column(table: Table, header: str, **options: Any) -> None:
+    """A column of counts or money: right-aligned, never wrapped, never cut."""
+    table.add_column(header, justify="right", no_wrap=True, **options)
+
+
+def text_column(table: Table, header: str = "", **options: Any) -> None:
+    """A column of words, keys or messages: wrapped, and folded where a word is too long."""
+    table.add_column(header, overflow="fold", **options)
+
+
+def labelled_table(title: str, values: JustifyMethod = "right") -> Table:
+    """A two-column table of labels and values, without a header.
+
+    Its values mix numbers and messages, so the column wraps; the labels beside it are the
+    narrower column that gives way first, and a number is far narrower than the rest.
+    """
+    table = Table(title=title, show_header=False, title_justify="left")
+    text_column(table, style="bold")
+    text_column(table, justify=values)
+    return table
+
+
 def summary_table(title: str, status: str, reason: str = "") -> Table:
     """A two-column summary that starts with the status (and why, when skipped)."""
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
+    table = labelled_table(title)
     table.add_row("status", styled(status))
     if status == "skipped":
         table.add_row("reason", Text(reason))
@@ -97,13 +170,30 @@ def sync_table(result: SyncResult, target: str) -> Table:
     return table
 
 
-class SyncProgress:
-    """A progress bar on stderr while a sync runs; a no-op when stderr is no terminal."""
+class KeysColumn(ProgressColumn):
+    """`400,000 of ~500,000 keys`: the total is an estimate, and says so."""
 
-    def __init__(self, enabled: bool) -> None:
+    def render(self, task: Task) -> Text:
+        """The keys read so far, and the estimate when there is one."""
+        done = f"{int(task.completed):,}"
+        if task.total is None:
+            return Text(f"{done} keys")
+        return Text(f"{done} of ~{int(task.total):,} keys")
+
+
+class SyncProgress:
+    """A progress bar on stderr while a sync runs; a no-op when stderr is no terminal.
+
+    With an estimated `total` (the CLI sets it, see balance_sync.estimate) it shows the
+    percentage and the time left; a run that reads more than estimated raises the total as
+    it goes, so the bar never passes 100%.
+    """
+
+    def __init__(self, enabled: bool, total: int | None = None) -> None:
         self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
         self._progress: Progress | None = None
-        self._task: object = None
+        self._task: TaskID | None = None
 
     @contextmanager
     def show(self) -> Iterator[SyncProgress]:
@@ -115,23 +205,31 @@ class SyncProgress:
             SpinnerColumn(),
             TextColumn("syncing"),
             BarColumn(bar_width=None),
-            MofNCompleteColumn(),
-            TextColumn("keys"),
+            TaskProgressColumn(),
+            KeysColumn(),
             TimeElapsedColumn(),
+            TextColumn("elapsed,"),
+            TimeRemainingColumn(),
+            TextColumn("left"),
             console=stderr_console(),
             transient=True,
             redirect_stderr=True,
         )
         with progress:
             self._progress = progress
-            self._task = progress.add_task("sync", total=None)
+            self._task = progress.add_task("sync", total=self.total or None)
             yield self
         self._progress = None
 
     def update(self, report: BatchReport) -> None:
         """Advance the bar after a batch."""
-        if self._progress is not None:
-            self._progress.update(self._task, completed=report.total_processed)  # type: ignore[arg-type]
+        if self._progress is None or self._task is None:
+            return
+        done = report.total_processed
+        if self.total and done > self.total:
+            self.total = done
+            self._progress.update(self._task, total=done)
+        self._progress.update(self._task, completed=done)
 
 
 def conflict_json(conflict: Conflict) -> dict[str, object]:
@@ -147,20 +245,28 @@ def conflict_json(conflict: Conflict) -> dict[str, object]:
 
 
 def conflicts_table(run_id: int | None, conflicts: list[Conflict], prefix: str) -> Table:
-    """The conflicts of a run."""
-    table = Table(title=f"Conflicts of run {run_id}", title_justify="left")
-    for column in ("key", "PostgreSQL", "Redis", "last written", "kind", "resolution"):
-        table.add_column(column, justify="right" if column in ("PostgreSQL", "Redis") else "left")
+    """The conflicts of a run: the key, the three values, what kind of conflict, what was done."""
+    table = FittingTable(title=f"Conflicts of run {run_id}", title_justify="left")
+    text_column(table, "key")
+    number_column(table, "PostgreSQL")
+    number_column(table, "Redis")
+    number_column(table, "last\nwritten")  # two lines: the money below is often narrower
+    text_column(table, "kind")
+    text_column(table, "resolution")
     for c in conflicts:
         table.add_row(
-            Text(
-                f"{prefix}{c.telegram_id}"
-            ),  # a prefix may hold [markup] str(c.db_value), str(c.redis_value),
-            "" if c.last_written is None else str(c.last_written),
+            Text(f"{prefix}{c.telegram_id}"),  # Text, not markup: a prefix may hold `[...]`
+            _money(c.db_value),
+            _money(c.redis_value),
+            _money(c.last_written),
             c.kind,
             c.resolution,
         )
     return table
+
+
+def _money(value: Decimal | None) -> str:
+    return "" if value is None else str(value)
 
 
 # -- verify -------------------------------------------------------------------------------
@@ -168,9 +274,7 @@ def conflicts_table(run_id: int | None, conflicts: list[Conflict], prefix: str) 
 
 def verify_tables(result: VerifyResult, target: str) -> list[Table]:
     """A verify's summary, then one table of examples for each kind of discrepancy found."""
-    summary = Table(title=f"Redis compared with {target}", show_header=False, title_justify="left")
-    summary.add_column(style="bold")
-    summary.add_column(justify="right")
+    summary = labelled_table(f"Redis compared with {target}")
     summary.add_row("status", styled(result.status))
     summary.add_row("Redis keys", f"{result.redis_keys:,}")
     summary.add_row("valid keys", f"{result.valid_keys:,}")
@@ -204,10 +308,10 @@ def verify_tables(result: VerifyResult, target: str) -> list[Table]:
         if not rows:
             continue
         shown = f"{title} (first {len(rows):,} of {total:,})" if total > len(rows) else title
-        table = Table(title=shown, title_justify="left")
-        table.add_column("key")
-        table.add_column("Redis", justify="right")
-        table.add_column("PostgreSQL", justify="right")
+        table = FittingTable(title=shown, title_justify="left")
+        text_column(table, "key")
+        number_column(table, "Redis")
+        number_column(table, "PostgreSQL")
         for row in rows:
             # Text, not markup: a key's `[...]` or `:name:` must print as it is.
             table.add_row(*(Text(cell) for cell in row))
@@ -278,11 +382,9 @@ def skipped_table(listing: SkippedListing) -> Table:
     title = f"Records skipped by run {listing.run_id}"
     if listing.total > shown:
         title += f" (first {shown:,} of {listing.total:,}; --limit shows more, --json in full)"
-    table = Table(title=title, title_justify="left")
-    table.add_column("key")
-    table.add_column("raw value")
-    table.add_column("reason")
-    table.add_column("recorded at")
+    table = FittingTable(title=title, title_justify="left")
+    for column in ("key", "raw value", "reason", "recorded at"):
+        text_column(table, column)
     for record in listing.records:
         raw = "—" if record.raw_value is None else _cut(record.raw_value, RAW_VALUE_WIDTH)
         # Text, not markup: a key or value holding `[...]` must print as it is.
@@ -377,11 +479,11 @@ def _seconds(value: float | None) -> str:
 
 def health_table(report: HealthReport) -> Table:
     """One row per check, failing ones in red."""
-    table = Table(title=f"Health: {styled(report.status)}", title_justify="left")
-    table.add_column("check", style="bold")
-    table.add_column("ok", justify="center")
-    table.add_column("detail")
-    table.add_column("latency", justify="right")
+    table = FittingTable(title=f"Health: {styled(report.status)}", title_justify="left")
+    text_column(table, "check", style="bold")
+    table.add_column("ok", justify="center", no_wrap=True)
+    text_column(table, "detail")
+    number_column(table, "latency")
     for check in report.checks:
         table.add_row(
             check.name,
@@ -394,9 +496,7 @@ def health_table(report: HealthReport) -> Table:
 
 def run_table(run: RunRecord, title: str) -> Table:
     """One run record in full, as a two-column table."""
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    table = labelled_table(title, values="left")
     table.add_row("run id", str(run.id))
     table.add_row("status", styled(run.status))
     table.add_row("started", _when(run.started_at))
@@ -412,23 +512,24 @@ def run_table(run: RunRecord, title: str) -> Table:
 
 
 def runs_table(runs: Sequence[RunRecord]) -> Table:
-    """The last runs, newest first."""
-    table = Table(title=f"Last {len(runs)} runs", title_justify="left")
-    for column in ("id", "started", "status", "duration"):
-        table.add_column(
-            column, justify="right" if column in ("id", "duration") else "left", no_wrap=True
-        )
-    for column in ("processed", "inserted", "updated", "skipped"):
-        table.add_column(column, justify="right")
+    """The last runs, newest first; `changed` is inserted + updated.
+
+    Six columns, so that counts of a billion fit 80 columns whole; each run's duration is in
+    the chart below, and the last run's full counters in the table above.
+    """
+    table = FittingTable(title=f"Last {len(runs)} runs", title_justify="left")
+    number_column(table, "id")
+    text_column(table, "started")  # the date and the time wrap onto two lines if need be
+    text_column(table, "status")
+    for column in ("processed", "changed", "skipped"):
+        number_column(table, column)
     for run in runs:
         table.add_row(
             str(run.id),
             run.started_at.astimezone().strftime("%Y-%m-%d %H:%M"),
             styled(run.status),
-            _seconds(run.duration_s),
             f"{run.processed:,}",
-            f"{run.inserted:,}",
-            f"{run.updated:,}",
+            f"{run.inserted + run.updated:,}",
             f"{run.skipped:,}",
         )
     return table
@@ -439,9 +540,9 @@ def duration_chart(runs: Sequence[RunRecord]) -> Table:
     timed = [run for run in runs if run.duration_s is not None]
     longest = max((run.duration_s or 0.0 for run in timed), default=0.0)
     table = Table(title="Run durations", show_header=False, title_justify="left", box=None)
-    table.add_column(justify="right", style="bold")
-    table.add_column()
-    table.add_column(justify="right")
+    number_column(table, "", style="bold")
+    table.add_column(no_wrap=True)
+    number_column(table, "")
     for run in timed:
         duration = run.duration_s or 0.0
         width = max(1, round(_CHART_WIDTH * duration / longest)) if longest > 0 else 1
@@ -460,9 +561,7 @@ def stats_views(report: StatsReport) -> list[RenderableType]:
         views.append(runs_table(report.runs))
         views.append(duration_chart(report.runs))
     window = report.window
-    figures = Table(title="Figures", show_header=False, title_justify="left")
-    figures.add_column(style="bold")
-    figures.add_column(justify="right")
+    figures = labelled_table("Figures")
     figures.add_row(f"runs, last {window.hours} h", f"{window.runs:,}")
     failures = f"{window.failures:,}"
     figures.add_row("failures", f"[red]{failures}[/]" if window.failures else failures)
@@ -479,10 +578,8 @@ def stats_views(report: StatsReport) -> list[RenderableType]:
 
 
 def status_table(report: StatusReport) -> Table:
-    """Whether a sync runs, how the last one ended, and when cron starts the next ones."""
-    table = Table(title=f"Status of {report.table}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    """Whether a sync runs, how the last one ended, and when cron or systemd start the next."""
+    table = labelled_table(f"Status of {report.table}", values="left")
     holder, run = report.holder, report.current_run
     if holder is None:
         table.add_row("running", "no sync is running")
@@ -524,8 +621,24 @@ def status_table(report: StatusReport) -> Table:
         table.add_row("last run", summary)
         if last.error:
             table.add_row("", f"[red]{escape(last.error)}[/]")
+    _schedule_rows(table, report)
+    return table
+
+
+def _schedule_rows(table: Table, report: StatusReport) -> None:
+    """What starts balsync next: its systemd timers, its crontab lines and their times."""
     schedule = report.schedule
-    table.add_row("crontab", escape(schedule.detail))
+    for number, timer in enumerate(report.timers):
+        when = f"next {_when(timer.next_at)}" if timer.next_at else "not scheduled"
+        if timer.last_at is not None:
+            when += f", last {_when(timer.last_at)}"
+        table.add_row(
+            "systemd timers" if number == 0 else "",
+            f"{escape(timer.unit)} → {escape(timer.activates)}: {when}",
+        )
+    # Where systemd starts balsync, a missing crontab is expected, not news.
+    if schedule.entries or not report.timers:
+        table.add_row("crontab", escape(schedule.detail))
     for entry in schedule.entries:
         table.add_row("", escape(entry.line))
     for number, fire in enumerate(schedule.next_runs):
@@ -533,7 +646,6 @@ def status_table(report: StatusReport) -> Table:
             "next runs" if number == 0 else "",
             f"{_when(fire.at)}  {escape(fire.entry.command)}",
         )
-    return table
 
 
 def schedule_message(change: ScheduleChange) -> str:

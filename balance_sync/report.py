@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 
 from balance_sync.errors import BalsyncError, PostgresUnavailable, RedisUnavailable
@@ -27,13 +28,16 @@ def run_reported(
 ) -> SyncResult:
     """Run one sync as `run_sync` does, reporting it to the ping URL and the metrics file.
 
-    The ping says success for a run that succeeded or was skipped, fail for a partial run
-    (exit 1: records need a look) and for a failed one, whose exception is then re-raised.
+    The end ping carries the exit code: 0 for a run that succeeded or was skipped, 1 for a
+    partial run (records need a look), 3/4/5 for a failed one, whose exception is then
+    re-raised. Both pings carry one run id of their own, so a monitor pairs them.
     """
     if options.dry_run or (settings.ping_url is None and settings.metrics_file is None):
         return run_sync(settings, options, on_batch)
+    # Not the sync_runs id: a run that fails before it is recorded needs one as well.
+    ping_id = str(uuid.uuid4())
     if settings.ping_url is not None:
-        send(settings.ping_url, "start")
+        send(settings.ping_url, "start", run_id=ping_id)
     started = time.monotonic()
     try:
         result = run_sync(settings, options, on_batch)
@@ -41,16 +45,18 @@ def run_reported(
         failed = SyncResult(status="failed", dry_run=False, duration_s=time.monotonic() - started)
         # The body goes to a third party: a library's text may quote a URL with its password.
         if isinstance(exc, BalsyncError):
-            _report(settings, failed, exc.exit_code, mask_text(str(exc)))
+            _report(settings, ping_id, failed, exc.exit_code, mask_text(str(exc)))
         else:
             error = mask_text(f"{type(exc).__name__}: {exc}")
-            _report(settings, failed, UNEXPECTED_EXIT, error)
+            _report(settings, ping_id, failed, UNEXPECTED_EXIT, error)
         raise
-    _report(settings, result, 1 if result.status == "partial" else 0)
+    _report(settings, ping_id, result, 1 if result.status == "partial" else 0)
     return result
 
 
-def _report(settings: Settings, result: SyncResult, exit_code: int, error: str = "") -> None:
+def _report(
+    settings: Settings, ping_id: str, result: SyncResult, exit_code: int, error: str = ""
+) -> None:
     if settings.metrics_file is not None:
         run = RunMetrics(
             table=str(settings.table),
@@ -61,6 +67,7 @@ def _report(settings: Settings, result: SyncResult, exit_code: int, error: str =
             redis_up=exit_code != RedisUnavailable.exit_code,
             postgres_up=exit_code != PostgresUnavailable.exit_code,
             pruned=result.pruned,
+            restart_pending=result.restart_pending,
         )
         write_metrics(settings.metrics_file, run)
     if settings.ping_url is not None:
@@ -72,4 +79,4 @@ def _report(settings: Settings, result: SyncResult, exit_code: int, error: str =
         if error:
             summary["error"] = error
         body = json.dumps(summary).encode()
-        send(settings.ping_url, "success" if exit_code == 0 else "fail", body)
+        send(settings.ping_url, exit_code, body, run_id=ping_id)

@@ -1,5 +1,5 @@
-"""Status: is a sync running right now, how did the last one end, and when does cron start
-the next ones.
+"""Status: is a sync running right now, how did the last one end, and when do cron or the
+systemd timers start the next ones.
 
 A running sync is recognised by its per-table advisory lock, as PostgreSQL sees it in
 pg_locks, and described by its backend (pg_stat_activity) and its run record (host, pid,
@@ -19,6 +19,7 @@ from balance_sync.redis_store import RedisStore
 from balance_sync.restart_guard import restart_pending
 from balance_sync.schedule import Crontab, InstalledSchedule, installed_schedule
 from balance_sync.settings import Settings
+from balance_sync.systemd import Systemctl, Timer
 
 NEXT_RUNS = 3
 
@@ -34,6 +35,7 @@ class StatusReport:
     last_run: RunRecord | None  # the newest run that ended
     schedule: InstalledSchedule
     redis_restart_pending: bool | None = None  # None: Redis could not be asked
+    timers: tuple[Timer, ...] = ()  # balsync's systemd timers, the next to fire first
 
     @property
     def running(self) -> bool:
@@ -77,16 +79,20 @@ class StatusReport:
                     for fire in self.schedule.next_runs
                 ],
             },
+            "systemd_timers": [timer.to_json() for timer in self.timers],
         }
 
 
 def collect_status(
-    settings: Settings, crontab: Crontab, now: datetime | None = None
+    settings: Settings,
+    crontab: Crontab,
+    now: datetime | None = None,
+    systemctl: Systemctl | None = None,
 ) -> StatusReport:
-    """Look at the lock, the run records and the crontab of `settings.table`.
+    """Look at the lock, the run records, the crontab and the systemd timers of balsync.
 
     Raises SchemaMissing before `init-db` and PostgresUnavailable when PostgreSQL stays
-    unreachable; a missing crontab is reported in the result, not raised.
+    unreachable; a missing crontab or systemd is reported in the result, not raised.
     """
     db = Database(settings.database_url, settings.retry_timeout)
     try:
@@ -104,6 +110,7 @@ def collect_status(
         db.close()
     last = next((run for run in recent if run.status != "running"), None)
     schedule = installed_schedule(crontab, now or datetime.now(UTC), NEXT_RUNS)
+    timers = (systemctl or Systemctl()).balsync_timers()
     return StatusReport(
         table=str(settings.table),
         holder=holder,
@@ -112,6 +119,7 @@ def collect_status(
         last_run=last,
         schedule=schedule,
         redis_restart_pending=pending,
+        timers=timers,
     )
 
 

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 
 def closed_port() -> int:
@@ -28,6 +29,13 @@ class Hit:
     method: str
     path: str
     body: bytes
+    user_agent: str = ""
+
+    @property
+    def rid(self) -> str | None:
+        """The run id the ping carried (`?rid=`), if any."""
+        (rid,) = parse_qs(urlsplit(self.path).query).get("rid", [None])
+        return rid
 
     def json(self) -> dict[str, object]:
         data = json.loads(self.body)
@@ -46,9 +54,11 @@ class PingServer:
     delay: float = 0.0
 
     def routes(self) -> list[tuple[str, str]]:
-        """(method, path below the check's URL) of every request, in order."""
+        """(method, path below the check's URL, without the query) of every request, in order."""
         prefix = f"/ping/{self.token}"
-        return [(hit.method, hit.path.removeprefix(prefix) or "/") for hit in self.hits]
+        return [
+            (hit.method, urlsplit(hit.path).path.removeprefix(prefix) or "/") for hit in self.hits
+        ]
 
 
 @contextlib.contextmanager
@@ -60,7 +70,9 @@ def ping_server() -> Iterator[PingServer]:
         def _answer(self) -> None:
             ping = state[0]
             length = int(self.headers.get("Content-Length") or 0)
-            ping.hits.append(Hit(self.command, self.path, self.rfile.read(length)))
+            body = self.rfile.read(length)
+            agent = self.headers.get("User-Agent", "")
+            ping.hits.append(Hit(self.command, self.path, body, agent))
             time.sleep(ping.delay)
             code = ping.answers.pop(0) if ping.answers else 200
             self.send_response(code)

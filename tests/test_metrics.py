@@ -7,9 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from balance_sync.metrics import RunMetrics, previous_success, write_metrics
+from tests.conftest import Balsync
+from tests.devservers import ValkeyServer
 from tests.netutil import closed_port
 
 TABLE = "user_balances"
@@ -22,6 +25,7 @@ NAMES = {
     "balsync_redis_up",
     "balsync_postgres_up",
     "balsync_last_run_pruned_rows",
+    "balsync_redis_restart_pending",
 }
 DOWN = {"BALSYNC_RETRY_TIMEOUT": "0"}
 
@@ -69,7 +73,7 @@ def dead_postgres() -> str:
 def test_success_writes_every_metric_labelled_with_the_table(
     initialized, rds, key_prefix, tmp_path
 ):
-    """A successful sync writes all eight metrics, each with table=, and stdout stays JSON."""
+    """A successful sync writes every metric, each with table=, and stdout stays JSON."""
     rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "20.00"})
     path = tmp_path / "balsync.prom"
     before = time.time()
@@ -92,6 +96,7 @@ def test_success_writes_every_metric_labelled_with_the_table(
     assert metrics(LAST_SUCCESS) == metrics(LAST_RUN)
     assert 0 < metrics("balsync_last_run_duration_seconds") < 60
     assert (metrics("balsync_redis_up"), metrics("balsync_postgres_up")) == (1, 1)
+    assert metrics("balsync_redis_restart_pending") == 0
 
 
 def test_partial_run_counts_invalid_records_and_is_a_success_in_time(
@@ -261,3 +266,35 @@ def test_a_garbled_previous_file_is_replaced(tmp_path):
     assert previous_success(path, TABLE) is None
     assert write_metrics(path, run_metrics("failed", 2000.0))
     assert Metrics(path).status() == "failed"
+
+
+def test_restart_pending_is_written_as_one(tmp_path):
+    """A run that holds rows after a Redis restart sets balsync_redis_restart_pending to 1."""
+    path = tmp_path / "balsync.prom"
+    run = RunMetrics(TABLE, "partial", 1000.0, 0.5, {}, True, True, restart_pending=True)
+    assert write_metrics(path, run)
+    assert Metrics(path)("balsync_redis_restart_pending") == 1
+
+
+def test_a_pending_redis_restart_sets_the_gauge_until_it_is_accepted(
+    initialized, key_prefix, tmp_path
+):
+    """Rows held after a restart of Redis: 1; after --accept-redis-restart: 0 again."""
+    server = ValkeyServer(tmp_path / "valkey").start()
+    try:
+        tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": server.url})
+        path = str(tmp_path / "balsync.prom")
+        with redis.Redis.from_url(server.url) as client:
+            client.mset({f"{key_prefix}1": "1500.00", f"{key_prefix}2": "20.00"})
+        tool.ok("sync", "--force", "--metrics-file", path)
+        assert Metrics(Path(path))("balsync_redis_restart_pending") == 0
+        server.stop()
+        server.start()  # back empty: nothing is on disk
+        with redis.Redis.from_url(server.url) as client:
+            client.set(f"{key_prefix}1", "5.00")
+        assert tool("sync", "--force", "--metrics-file", path).exit_code == 1
+        assert Metrics(Path(path))("balsync_redis_restart_pending") == 1
+        tool.ok("sync", "--force", "--accept-redis-restart", "--metrics-file", path)
+        assert Metrics(Path(path))("balsync_redis_restart_pending") == 0
+    finally:
+        server.stop()
