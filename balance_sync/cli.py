@@ -657,7 +657,7 @@ def clear_cache_command(
     if output.json:
         render.print_json(result.to_json())
     elif not output.quiet:
-        render.stdout_console().print(render.clear_cache_table(result, str(settings.table)))
+        render.stdout_console().print(render.clear_cache_view(result, str(settings.table)))
     return 0
 
 

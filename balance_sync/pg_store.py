@@ -156,6 +156,10 @@ _BOOKKEEPING: list[LiteralString] = [
     # The token of the trust marker balsync left in Redis: gone after FLUSHALL, absent from
     # another database. NULL (trust migrated from an older version): to be verified.
     "ALTER TABLE balsync.redis_trust ADD COLUMN IF NOT EXISTS token text",
+    "ALTER TABLE balsync.redis_trust ADD COLUMN IF NOT EXISTS flushes text",
+    # The Redis server each run read (run_id/replid/flushes): --accept-redis-restart accepts
+    # only the server the operator saw the last run hold rows for.
+    "ALTER TABLE balsync.sync_runs ADD COLUMN IF NOT EXISTS redis_seen text",
     # The ids a run found agreeing while a restart was pending: the evidence, counted at
     # the end of the run against every id balsync remembers. Unlogged: it lives one run.
     """CREATE UNLOGGED TABLE IF NOT EXISTS balsync.restart_seen (
@@ -322,6 +326,7 @@ class Trust:
     replid: str | None = None
     repl_offset: int | None = None
     token: str | None = None  # the trust marker's value; None: migrated, unverified
+    flushes: str | None = None  # the server's FLUSHALL/FLUSHDB count when it was trusted
 
 
 @dataclass(frozen=True)
@@ -796,12 +801,12 @@ class Database:
         key = self.key(table)
         row = self.call(
             lambda conn: conn.execute(
-                """SELECT redis_id, replid, repl_offset, token FROM balsync.redis_trust
+                """SELECT redis_id, replid, repl_offset, token, flushes FROM balsync.redis_trust
                    WHERE target_table = %s""",
                 (key,),
             ).fetchone()
         )
-        return None if row is None else Trust(str(row[0]), row[1], row[2], row[3])
+        return None if row is None else Trust(str(row[0]), *row[1:])
 
     def trust_redis(self, table: TableName, trust: Trust, reason: str) -> None:
         """Trust this Redis server for `table` from now on; `reason` says on what evidence."""
@@ -809,15 +814,62 @@ class Database:
         self.call(
             lambda conn: conn.execute(
                 """INSERT INTO balsync.redis_trust
-                       (target_table, redis_id, replid, repl_offset, token, reason)
-                   VALUES (%s, %s, %s, %s, %s, %s)
+                       (target_table, redis_id, replid, repl_offset, token, flushes, reason)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (target_table) DO UPDATE
                    SET redis_id = EXCLUDED.redis_id, replid = EXCLUDED.replid,
                        repl_offset = EXCLUDED.repl_offset, token = EXCLUDED.token,
-                       reason = EXCLUDED.reason, trusted_at = now()""",
-                (key, trust.redis_id, trust.replid, trust.repl_offset, trust.token, reason),
+                       flushes = EXCLUDED.flushes, reason = EXCLUDED.reason,
+                       trusted_at = now()""",
+                (
+                    key,
+                    trust.redis_id,
+                    trust.replid,
+                    trust.repl_offset,
+                    trust.token,
+                    trust.flushes,
+                    reason,
+                ),
             )
         )
+
+    def forget_history(self, table: TableName) -> None:
+        """No replication history can vouch for the trusted server any more: a run that was
+        not sure of Redis is about to commit values from it."""
+        key = self.key(table)
+        self.call(
+            lambda conn: conn.execute(
+                """UPDATE balsync.redis_trust SET replid = NULL, repl_offset = NULL
+                   WHERE target_table = %s AND repl_offset IS NOT NULL""",
+                (key,),
+            )
+        )
+
+    def record_seen(self, run_id: int, seen: str) -> None:
+        """Record which Redis server this run read while it held rows back."""
+        self.call(
+            lambda conn: conn.execute(
+                "UPDATE balsync.sync_runs SET redis_seen = %s WHERE id = %s", (seen, run_id)
+            )
+        )
+
+    def last_seen_redis(self, table: TableName, before_run: int | None) -> str | None:
+        """The Redis server the last earlier run of `table` that held rows back read, since
+        balsync last trusted one; None when no such run."""
+        key = self.key(table)
+        row = self.call(
+            lambda conn: conn.execute(
+                """SELECT r.redis_seen FROM balsync.sync_runs r
+                   WHERE r.target_table = %(key)s AND r.redis_seen IS NOT NULL
+                     AND (%(run)s::bigint IS NULL OR r.id < %(run)s::bigint)
+                     AND r.started_at > coalesce(
+                         (SELECT trusted_at FROM balsync.redis_trust
+                          WHERE target_table = %(key)s), '-infinity')
+                   ORDER BY r.id DESC LIMIT 1""",
+                {"key": key, "run": before_run},
+            ).fetchone()
+        )
+        return None if row is None else str(row[0])
 
     def record_read(self, table: TableName, position: Trust) -> None:
         """Record how far balsync has read the trusted server's replication history."""
@@ -839,19 +891,23 @@ class Database:
         )
         return bool(row and row[0])
 
-    def missing_after_restart(self, target: TargetTable, run_id: int) -> int:
-        """How many rows balsync remembers whose key this run did not find in Redis with a
-        valid value. Keys that clear-cache removed on purpose, and rows deleted from the
-        table since, do not count."""
+    def missing_after_restart(self, target: TargetTable, run_id: int, key_prefix: str) -> int:
+        """How many ids balsync remembers, for this table or any table synced from the same
+        Redis keys (a view over it, its name before a rename), whose key this run did not
+        find in Redis with a valid value. Keys that clear-cache removed on purpose, and ids
+        with no row in the target, do not count."""
         query = sql.SQL(
-            """SELECT count(*) FROM balsync.written w
-               WHERE w.target_table = %s AND NOT w.cleared
+            """SELECT count(DISTINCT w.telegram_id) FROM balsync.written w
+               WHERE (w.target_table = %(table)s
+                      OR w.target_table IN (SELECT target_table FROM balsync.sync_runs
+                                            WHERE key_prefix = %(prefix)s))
+                 AND NOT w.cleared
                  AND NOT EXISTS (SELECT 1 FROM balsync.restart_seen s
-                                 WHERE s.run_id = %s AND s.telegram_id = w.telegram_id)
+                                 WHERE s.run_id = %(run)s AND s.telegram_id = w.telegram_id)
                  AND EXISTS (SELECT 1 FROM {table} t WHERE t.{id} = w.telegram_id)"""
         ).format(table=target.ident, id=sql.Identifier(target.id_column))
-        key = self.key(target.table)
-        row = self.call(lambda conn: conn.execute(query, (key, run_id)).fetchone())
+        params = {"table": self.key(target.table), "prefix": key_prefix, "run": run_id}
+        row = self.call(lambda conn: conn.execute(query, params).fetchone())
         return int(row[0]) if row else 0
 
     def mark_cleared(self, table: TableName, ids: Sequence[int]) -> None:

@@ -66,6 +66,16 @@ def dirty_keys(prefix: str) -> tuple[str, str]:
     return tag, tag + ":claimed"
 
 
+def _flushes(commandstats: dict[str, object]) -> int:
+    """FLUSHALL and FLUSHDB calls in INFO commandstats."""
+    calls = 0
+    for name in ("cmdstat_flushall", "cmdstat_flushdb"):
+        stats = commandstats.get(name)
+        if isinstance(stats, dict):
+            calls += _int(stats.get("calls"))
+    return calls
+
+
 def trust_marker(prefix: str, table: str) -> str:
     """The key of balsync's trust marker for one target table: beside the dirty set, in
     its hash tag (one cluster slot; the ACL that allows the dirty set allows it)."""
@@ -184,19 +194,26 @@ class RedisStore:
         was never in another database of the same server.
         """
         if self.cluster:
-            run_id = self.server_run_id()
+            primaries = self._primaries()
+            run_id = ",".join(
+                sorted(_text(self._node_info(n, "server").get("run_id")) for n in primaries)
+            )
+            flushes = ",".join(
+                f"{n.name}={_flushes(self._node_info(n, 'commandstats'))}" for n in primaries
+            )
             found = self._call(partial(self.client.get, marker))
-            return Identity(run_id, marker=cast(bytes | None, found))
+            return Identity(run_id, marker=cast(bytes | None, found), flushes=flushes)
 
-        def run() -> tuple[dict[str, object], bytes | None]:
+        def run() -> tuple[dict[str, object], dict[str, object], bytes | None]:
             pipe = self.client.pipeline(transaction=False)
             pipe.info("server")
             pipe.info("replication")
+            pipe.info("commandstats")
             pipe.get(marker)
-            server, replication, found = pipe.execute()
-            return {**server, **replication}, found
+            server, replication, commands, found = pipe.execute()
+            return {**server, **replication}, commands, found
 
-        info, found = self._call(run)
+        info, commands, found = self._call(run)
         return Identity(
             run_id=_text(info.get("run_id")),
             replid=_text(info.get("master_replid")),
@@ -204,6 +221,7 @@ class RedisStore:
             offset=_int(info.get("master_repl_offset")),
             second_offset=_int(info.get("second_repl_offset")),
             marker=found,
+            flushes=str(_flushes(commands)),
         )
 
     def set_marker(self, marker: str, token: str) -> None:
@@ -826,6 +844,14 @@ class Identity:
     offset: int = 0
     second_offset: int = -1
     marker: bytes | None = None  # balsync's trust marker, as this keyspace holds it
+    # FLUSHALL and FLUSHDB calls since the server started (per primary in a cluster): a
+    # flush of a node that does not hold the marker changes this instead.
+    flushes: str = ""
+
+    @property
+    def seen(self) -> str:
+        """The server as a run saw it, for telling later whether it is still that one."""
+        return f"{self.run_id}/{self.replid}/{self.flushes}"
 
     def continues(self, replid: str | None, offset: int | None) -> bool:
         """True when this server provably holds every write up to `offset` of the history

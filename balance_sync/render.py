@@ -11,7 +11,14 @@ from decimal import Decimal
 from typing import Any, TextIO
 
 from rich.cells import cell_len
-from rich.console import Console, ConsoleOptions, JustifyMethod, RenderableType, RenderResult
+from rich.console import (
+    Console,
+    ConsoleOptions,
+    Group,
+    JustifyMethod,
+    RenderableType,
+    RenderResult,
+)
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -353,9 +360,18 @@ def clear_cache_table(result: ClearResult, target: str) -> Table:
             table.add_row(f"  {_KEPT_LABELS[reason]}", f"{count:,}")
     label = "memory it would free" if result.dry_run else "memory freed"
     table.add_row(label, _bytes_text(result.memory_freed_bytes))
-    if result.dry_run:
-        table.caption = READ_THROUGH
     return table
+
+
+def clear_cache_view(result: ClearResult, target: str) -> Group:
+    """clear-cache's table; a dry run adds what clearing needs, wrapped to the terminal."""
+    table = clear_cache_table(result, target)
+    if not result.dry_run or result.status == "skipped":
+        return Group(table)
+    note = Table.grid()  # a grid wraps its text to the terminal; plain text would not here
+    note.add_column(overflow="fold")
+    note.add_row(Text(READ_THROUGH))
+    return Group(table, note)
 
 
 def restore_table(result: RestoreResult, target: str) -> Table:

@@ -53,13 +53,14 @@ def assess(identity: Identity, trusted: Trust | None, remembered: bool) -> Asses
         return Assessment(pending=False, reason="first run: nothing persisted that could be lost")
     marked = trusted.token is not None and identity.marker == trusted.token.encode()
     history = not trusted.replid or identity.replid == trusted.replid
-    if trusted.redis_id == identity.run_id and history and marked:
+    unflushed = trusted.flushes is None or identity.flushes == trusted.flushes
+    if trusted.redis_id == identity.run_id and history and marked and unflushed:
         return Assessment(pending=False)
     if marked and identity.continues(trusted.replid, trusted.repl_offset):
         return Assessment(
             pending=False, reason="failover: its replication history continues balsync's reads"
         )
-    if trusted.token is None and trusted.redis_id == identity.run_id and history:
+    if trusted.token is None and trusted.redis_id == identity.run_id and history and unflushed:
         return Assessment(pending=True, verify_only=True)
     return Assessment(pending=True)
 
@@ -83,6 +84,7 @@ class RestartGuard:
     target: TargetTable
     options: GuardOptions
     marker: str  # the trust marker's key
+    key_prefix: str
     identity: Identity
     assessment: Assessment
 
@@ -98,7 +100,9 @@ class RestartGuard:
         control: Database,
         target: TargetTable,
         options: GuardOptions,
+        *,
         key_prefix: str,
+        run_id: int | None,
     ) -> RestartGuard:
         """Compare the Redis this run reads with the trusted one; trust it where that is free."""
         table = target.table
@@ -108,13 +112,17 @@ class RestartGuard:
         identity = redis.identity(marker)
         trusted = control.trusted_redis(table) if schema else None
         found = assess(identity, trusted, schema and control.remembers_any(table, key_prefix))
+        if found.pending and run_id is not None:
+            control.record_seen(run_id, identity.seen)
         if found.pending and options.accept_redis_restart:
-            found = Assessment(
-                pending=False, reason="accepted by the operator (--accept-redis-restart)"
-            )
-        guard = cls(redis, control, target, options, marker, identity, found)
+            found = _accepted(control, table, identity, run_id)
+        guard = cls(redis, control, target, options, marker, key_prefix, identity, found)
         if found.reason and not options.dry_run:
             guard._trust(found.reason)
+        if found.pending and not options.dry_run:
+            # This run commits values from a server no history vouches for: from now on only
+            # a full scan or the operator may trust again, never a replication offset.
+            control.forget_history(table)
         if found.pending:
             log.warning(
                 "Redis restart pending: the server read (run_id %s…) is not the one balsync "
@@ -126,13 +134,18 @@ class RestartGuard:
         return guard
 
     def _trust(self, reason: str) -> None:
-        """Trust the server read from now on: a new marker in Redis, then the record."""
+        """Trust the server read from now on: a new marker in Redis, then the record; only
+        if the server that took the marker is still the one that was judged."""
         token = uuid.uuid4().hex
         self.redis.set_marker(self.marker, token)
-        self.identity = self.redis.identity(self.marker)
+        now = self.redis.identity(self.marker)
+        judged = self.identity
+        if (now.run_id, now.replid, now.flushes) != (judged.run_id, judged.replid, judged.flushes):
+            raise _changed(judged, now)
+        self.identity = now
         self.control.trust_redis(
             self.target.table,
-            Trust(self.identity.run_id, self.identity.replid or None, self.identity.offset, token),
+            Trust(now.run_id, now.replid or None, now.offset, token, now.flushes),
             reason,
         )
         log.info("trusting Redis run_id %s…: %s", self.identity.run_id[:8], reason)
@@ -142,14 +155,13 @@ class RestartGuard:
         a trusted server, how far its history has come (recorded with each batch)."""
         now = self.redis.identity(self.marker)
         start = self.identity
-        if (now.run_id, now.replid, now.marker) != (start.run_id, start.replid, start.marker):
-            raise RedisChanged(
-                f"Redis changed during the run (run_id {start.run_id[:8]}… is now "
-                f"{now.run_id[:8]}…, or its replication id or balsync's marker changed): a "
-                "restart, failover or flush; the run stopped before committing more",
-                "rerun `balsync sync`: it treats the new server as a restart unless its "
-                "replication history proves that nothing was lost",
-            )
+        if (now.run_id, now.replid, now.marker, now.flushes) != (
+            start.run_id,
+            start.replid,
+            start.marker,
+            start.flushes,
+        ):
+            raise _changed(start, now)
         if self.pending:
             return None
         return Trust(now.run_id, now.replid or None, now.offset)
@@ -168,7 +180,7 @@ class RestartGuard:
             return False, 0
         if self.options.dry_run or not self.options.full_scan or run_id is None:
             return True, 0  # an incremental or dry run reads too little, or writes nothing
-        missing = self.control.missing_after_restart(self.target, run_id)
+        missing = self.control.missing_after_restart(self.target, run_id, self.key_prefix)
         if missing or (held and not self.assessment.verify_only):
             return True, missing
         self.check()
@@ -181,6 +193,32 @@ class RestartGuard:
             "this Redis is trusted from now on"
         )
         return False, 0
+
+
+def _changed(before: Identity, now: Identity) -> RedisChanged:
+    return RedisChanged(
+        f"Redis changed during the run (run_id {before.run_id[:8]}… is now "
+        f"{now.run_id[:8]}…, or its replication id, flush count or balsync's marker changed): "
+        "a restart, failover or flush; the run stopped before committing more",
+        "rerun `balsync sync`: it treats the new server as a restart unless its "
+        "replication history proves that nothing was lost",
+    )
+
+
+def _accepted(
+    control: Database, table: TableName, identity: Identity, run_id: int | None
+) -> Assessment:
+    """--accept-redis-restart, for the server the operator saw: where a run has held rows
+    since balsync last trusted Redis, the server that run read."""
+    seen = control.last_seen_redis(table, run_id)
+    if seen is not None and seen != identity.seen:
+        log.warning(
+            "--accept-redis-restart ignored: Redis (run_id %s…) is not the server the last "
+            "run read; look at this one, then accept it again",
+            identity.run_id[:8],
+        )
+        return Assessment(pending=True)
+    return Assessment(pending=False, reason="accepted by the operator (--accept-redis-restart)")
 
 
 def restart_pending(redis: RedisStore, db: Database, table: TableName, key_prefix: str) -> bool:

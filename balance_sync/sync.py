@@ -187,7 +187,14 @@ def run_sync(
                 return _finish(result, started)
             result.run_id = control.start_run(settings)
         try:
-            guard = RestartGuard.open(redis, control, target, options, settings.key_prefix)
+            guard = RestartGuard.open(
+                redis,
+                control,
+                target,
+                options,
+                key_prefix=settings.key_prefix,
+                run_id=result.run_id,
+            )
             policy = _merge_policy(options, control, target, guard)
             if not options.dry_run:
                 # Every run claims the ids marked dirty: a full scan covers them too.

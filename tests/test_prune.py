@@ -129,7 +129,7 @@ def guards(database_url: str) -> Guards:
         skipped_run = db.newest_skipping_run(TABLE)
         return Guards(
             last_success=None if last is None else last.id,
-            trusted_redis=db.trusted_redis(TABLE),
+            trusted_redis=(trust.redis_id if (trust := db.trusted_redis(TABLE)) else None),
             running=None if running is None else running.id,
             conflicts=db.conflicts(TABLE, None, 1000),  # type: ignore[arg-type]
             skipped_run=skipped_run,

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
+from balance_sync.redis_store import trust_marker
 from tests.conftest import Balsync, balances
-from tests.devservers import ValkeyServer
+from tests.devservers import ValkeyCluster, ValkeyServer
 
 PERSISTED = {1: "1500.00", 2: "20.00", 3: "3.00"}
 
@@ -354,3 +356,287 @@ def test_an_upgrade_whose_redis_still_holds_every_key_is_trusted(bench, pg):
     code, data = bench.sync()
     assert (code, data["updated"]) == (0, 1)
     assert balances(pg) == {1: "1500.00", 2: "25.00", 3: "3.00"}
+
+
+def test_a_view_trusts_an_empty_redis_after_a_restart(bench, pg):
+    """user_balances is synced (1500.00 for user 1). Redis restarts and comes back empty.
+    A sync through `balances_v` (a view over user_balances) is pending (it inherits the
+    table's memory through the key prefix), finds no key at all, and counts 0 missing
+    against the view's own, empty memory: it trusts the empty Redis. The bot's INCRBY on
+    the missing key makes 5; the next sync through the view overwrites 1500.00 with 5.00,
+    exit 0. SPEC 7: a Redis whose identity changed is trusted only after a full scan that
+    found every remembered key; this one found none of the 3."""
+    pg.execute(
+        "CREATE VIEW balances_v AS SELECT telegram_id, balance, updated_at FROM user_balances"
+    )
+    via_view = Balsync({**bench.tool.env, "BALSYNC_TABLE": "balances_v"})
+    bench.server.stop()
+    bench.server.start()  # empty: every key lost
+    code, data = bench.sync(tool=via_view)
+    assert data["processed"] == 0
+    with bench.client() as client:
+        client.incrby(f"{bench.prefix}1", 5)  # the bot rebuilds user 1 from nothing
+    code, data = bench.sync(tool=via_view)
+    assert balances(pg)[1] == "1500.00", (code, data)
+    assert code == 1
+
+
+def test_a_renamed_table_trusts_an_empty_redis_after_a_restart(bench, pg):
+    """The same through a rename during the incident: Redis restarts empty, the table's
+    own sync is pending (3 remembered keys missing). A DBA renames user_balances to
+    balances (BALSYNC_TABLE follows). The first sync under the new name finds no key,
+    counts 0 missing against the new name's empty memory, and trusts the empty Redis;
+    the bot's rebuilt-from-zero 5 then overwrites 1500.00."""
+    bench.server.stop()
+    bench.server.start()
+    code, data = bench.sync()
+    assert data["processed"] == 0
+    pg.execute("ALTER TABLE user_balances RENAME TO balances")
+    renamed = Balsync({**bench.tool.env, "BALSYNC_TABLE": "balances"})
+    bench.sync(tool=renamed)  # no key: nothing held, "every remembered key found"
+    with bench.client() as client:
+        client.incrby(f"{bench.prefix}1", 5)
+    code, data = bench.sync(tool=renamed)
+    assert balances(pg, "balances")[1] == "1500.00", (code, data)
+    assert code == 1
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ValkeyCluster]:
+    nodes = ValkeyCluster(tmp_path / "cluster").start()
+    yield nodes
+    nodes.stop()
+
+
+def test_flushall_on_one_cluster_primary_is_not_trusted(initialized, cluster, key_prefix, pg):
+    """Cluster of 3 primaries; 30 users synced. An operator runs FLUSHALL on one primary
+    (not the one holding balsync's marker): its users' keys are gone, run_ids and marker
+    unchanged. The bot's INCRBY rebuilds one of them from 0 to 5; the next sync overwrites
+    the persisted balance with 5.00, exit 0. SPEC 7 / the guard: FLUSHALL is an identity
+    change (the single-server case holds rows back, test_a_flushed_redis_is_not_trusted)."""
+    tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": cluster.url})
+    crc = RedisCluster.from_url(cluster.node_url(0))
+    try:
+        expected = {i: f"{1000 + i}.00" for i in range(1, 31)}
+        for i, v in expected.items():
+            crc.set(f"{key_prefix}{i}", v)
+        code, data = _sync(tool)
+        assert (code, data["inserted"]) == (0, 30)
+        marker = trust_marker(key_prefix, "public.user_balances")
+        assert crc.get(marker) is not None
+        marker_port = crc.get_node_from_key(marker).port
+        victim = next(i for i, p in enumerate(cluster.ports) if p != marker_port)
+        with redis.Redis.from_url(cluster.node_url(victim)) as node:
+            node.flushall()  # one primary's keys are gone; the marker lives elsewhere
+        lost = [i for i in expected if not crc.exists(f"{key_prefix}{i}")]
+        assert lost
+        crc.incrby(f"{key_prefix}{lost[0]}", 5)  # the bot rebuilds from nothing
+        code, data = _sync(tool)
+        assert balances(pg)[lost[0]] == expected[lost[0]], (code, data)
+        assert code == 1
+    finally:
+        crc.close()
+
+
+def _sync(tool: Balsync, *args: str) -> tuple[int, dict[str, object]]:
+    result = tool("sync", "--json", "--force", *args)
+    assert result.stdout, result.stderr
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_a_restart_between_verification_and_trust_is_not_trusted(bench, pg, monkeypatch):
+    """Redis restarted; the operator put the keys back (1500.00, 20.00, 3.00), so the next
+    full sync finds every remembered key agreeing and `conclude` verifies the identity.
+    Right then Redis restarts again and comes back empty (an OOM kill, a supervisor
+    restart). `set_marker` retries until the new, empty server answers, writes the marker
+    there, and its identity is recorded as trusted: a server no scan ever read. The bot's
+    INCRBY makes 5 and the next sync overwrites 1500.00, exit 0. SPEC 7."""
+    from balance_sync.redis_store import RedisStore
+
+    bench.server.stop()
+    bench.server.start()
+    bench.set(PERSISTED)  # everything back: this server earns trust by a full scan
+    real = RedisStore.set_marker
+    restarted = []
+
+    def restart_first(self, marker, token):  # type: ignore[no-untyped-def]
+        if not restarted:
+            restarted.append(True)
+            bench.server.stop()
+            bench.server.start()  # empty again, a new run_id
+        return real(self, marker, token)
+
+    monkeypatch.setattr(RedisStore, "set_marker", restart_first)
+    code, data = bench.sync()
+    monkeypatch.undo()
+    assert restarted
+    with bench.client() as client:
+        client.incrby(f"{bench.prefix}1", 5)
+    code, data = bench.sync()
+    assert balances(pg)[1] == "1500.00", (code, data)
+    assert code == 1
+
+
+def test_a_snapshot_older_than_a_pending_runs_inserts_is_not_a_clean_failover(
+    initialized, tmp_path, key_prefix, pg
+):
+    """A master with a replication backlog (a replica attached once). Users 1..3 synced and
+    trusted. The master saves a snapshot (marker inside). The marker is then deleted (an
+    operator cleaning `{balsync:*}` keys, or another installation's first run writing its
+    own token there): the restart guard is pending. New user 9 (50.00) is inserted by the
+    next sync, which holds user 2's change and stays pending, recording no offset. The
+    master crashes and restarts from the snapshot: user 9 is gone, the old marker is back,
+    replid2/second_repl_offset continue the trusted history past the recorded offset, so
+    balsync calls it a clean failover and trusts it. The bot's INCRBY rebuilds user 9
+    from 0 and the next sync overwrites the persisted 50.00 with 5.00, exit 0. SPEC 7."""
+    master = ValkeyServer(tmp_path / "master").start()
+    replica = ValkeyServer(
+        tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(master.port))
+    ).start()
+    try:
+        client = redis.Redis.from_url(master.url, socket_timeout=30)
+        with redis.Redis.from_url(replica.url) as r:
+            _until(lambda: r.info("replication").get("master_link_status") == "up")
+        client.set("balsync-test:probe", "1")
+        assert client.wait(1, 10_000) == 1  # the backlog exists from now on
+        replica.stop()
+        tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": master.url})
+        client.mset({f"{key_prefix}{i}": v for i, v in PERSISTED.items()})
+        assert _sync(tool)[0] == 0
+        client.set("balsync-test:other", "x")  # the bot's traffic moves the offset on
+        client.save()  # the snapshot: the trusted marker is in it
+        marker = trust_marker(key_prefix, "public.user_balances")
+        assert client.delete(marker) == 1
+        client.mset({f"{key_prefix}9": "50.00", f"{key_prefix}2": "25.00"})
+        code, data = _sync(tool)  # pending: user 9 inserted, user 2 held
+        assert (code, data["inserted"], data["skipped"]) == (1, 1, 1)
+        assert balances(pg)[9] == "50.00"
+        client.close()
+        import signal
+
+        master.stop(signal.SIGKILL)
+        master.start()  # loads the snapshot: no user 9, the old marker
+        client = redis.Redis.from_url(master.url)
+        assert client.get(f"{key_prefix}9") is None
+        code, data = _sync(tool)
+        reason = pg.execute("SELECT reason FROM balsync.redis_trust").fetchone()
+        assert reason is None or not str(reason[0]).startswith("failover"), reason
+        client.incrby(f"{key_prefix}9", 5)  # the bot rebuilds user 9 from nothing
+        code, data = _sync(tool)
+        client.close()
+        assert balances(pg)[9] == "50.00", (code, data)
+        assert code == 1
+    finally:
+        replica.stop()
+        master.stop()
+
+
+def _until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_accept_redis_restart_accepts_only_the_server_the_operator_saw(bench, pg):
+    """Redis restarted (server X) and the guard holds user 1's 1400.00 against 1500.00.
+    The operator checks X, decides Redis is right, and runs `sync --accept-redis-restart
+    --wait 60` while the cron run still holds the table's lock. Meanwhile Redis restarts
+    again and comes back empty (server Y). The waiting run accepts Y, which nobody looked
+    at; the bot's INCRBY then rebuilds user 1 from 0 and the next cron sync overwrites
+    1500.00 with 5.00, exit 0. SPEC 7: trusted only on evidence or by the operator, who
+    accepted X, not Y."""
+    import threading
+
+    import psycopg
+
+    bench.server.stop()
+    bench.server.start()
+    bench.set({1: "1400.00", 2: "20.00", 3: "3.00"})  # server X, inspected by the operator
+    assert bench.sync()[0] == 1
+    holder = psycopg.connect(bench.tool.env["BALSYNC_DATABASE_URL"], autocommit=True)
+    holder.execute(
+        "SELECT pg_advisory_lock(1650551923, to_regclass('public.user_balances')::oid::int4)"
+    )
+
+    def cron_run_finishes_while_redis_restarts() -> None:
+        bench.server.stop()
+        bench.server.start()  # server Y: empty
+        holder.execute(
+            "SELECT pg_advisory_unlock(1650551923, to_regclass('public.user_balances')::oid::int4)"
+        )
+
+    timer = threading.Timer(1.0, cron_run_finishes_while_redis_restarts)
+    timer.start()
+    try:
+        code, data = bench.sync("--accept-redis-restart", "--wait", "60")
+    finally:
+        timer.join()
+        holder.close()
+    with bench.client() as client:
+        client.incrby(f"{bench.prefix}1", 5)
+    code, data = bench.sync()
+    assert balances(pg)[1] == "1500.00", (code, data)
+    assert code == 1
+
+
+def test_holds_a_restart_from_a_snapshot_older_than_the_last_sync(
+    initialized, tmp_path, key_prefix, pg
+):
+    """With a backlog, Valkey reloads a stale RDB as replid2 = the old history and
+    second_repl_offset = the snapshot's offset + 1: below the offset balsync recorded, so
+    no 'clean failover'; the stale value is held."""
+    import signal
+
+    master = ValkeyServer(tmp_path / "master").start()
+    replica = ValkeyServer(
+        tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(master.port))
+    ).start()
+    try:
+        client = redis.Redis.from_url(master.url, socket_timeout=30)
+        with redis.Redis.from_url(replica.url) as r:
+            _until(lambda: r.info("replication").get("master_link_status") == "up")
+        assert client.wait(1, 10_000) == 1
+        replica.stop()
+        tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": master.url})
+        client.mset({f"{key_prefix}{i}": v for i, v in PERSISTED.items()})
+        assert _sync(tool)[0] == 0
+        client.save()
+        client.set(f"{key_prefix}1", "1600.00")
+        assert _sync(tool)[0] == 0
+        client.close()
+        master.stop(signal.SIGKILL)
+        master.start()
+        code, _ = _sync(tool)
+        assert code == 1
+        assert balances(pg)[1] == "1600.00"
+    finally:
+        replica.stop()
+        master.stop()
+
+
+def test_holds_another_installation_overwriting_the_marker(bench, pg, database_url):
+    """A second balsync (another database, same prefix and table name) trusts the same
+    Redis and overwrites the marker: the first one is pending and holds, never trusts."""
+    import psycopg
+    from psycopg import sql
+
+    from tests.conftest import with_database
+
+    other = with_database(database_url, "balsync_adv2_other")
+    admin = psycopg.connect(database_url, autocommit=True)
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS balsync_adv2_other"))
+    admin.execute(sql.SQL("CREATE DATABASE balsync_adv2_other"))
+    try:
+        second = Balsync({**bench.tool.env, "BALSYNC_DATABASE_URL": other})
+        second.ok("init-db")
+        assert bench.sync(tool=second)[0] == 0  # its first run: trusts, new marker token
+        bench.set({1: "1.00"})
+        code, _ = bench.sync()
+        assert code == 1  # held: the marker is not ours
+        assert balances(pg)[1] == "1500.00"
+    finally:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS balsync_adv2_other WITH (FORCE)"))
+        admin.close()
