@@ -52,6 +52,8 @@ return redis.call('SCARD', KEYS[2])
 _SET_AND_MARK = """
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
 return 1
 """
 
@@ -1031,10 +1033,14 @@ def _human_bytes(size: int) -> str:
 
 # -- the application's writes (balance_sync.writer) ----------------------------------------
 
-# An adjustment, applied at most once. KEYS: the balance, the adjustment's record and, on one
-# server, the dirty set. ARGV: the change in cents, the id to mark, the value format, the
-# record's lifetime in seconds, and the persisted balance to start from where the key is
-# absent ('' for none: an absent key is then reported, never taken as 0).
+# An adjustment, applied at most once. KEYS: the balance, the adjustment's record, the
+# balance's write counter and, on one server, the dirty set. ARGV: the change in cents, the
+# id to mark, the value format, the records' lifetime in seconds, the persisted balance to
+# start from where the key is absent ('' for none: an absent key is then reported, never
+# taken as 0), and, with it, the write counter and server time the absence was reported at.
+# A base read through PostgreSQL is used only while no write has touched the key since it
+# was found absent: a key written, synced and deleted again meanwhile would otherwise take
+# a base older than its last write.
 # Every check comes before the first write: a script that stops half-way keeps its writes.
 # Lua numbers are doubles, exact only up to 2^53, and a balance reaches 10^20 cents, so each
 # amount travels as two exact halves of ten digits.
@@ -1093,7 +1099,12 @@ end
 local raw = redis.pcall('GET', KEYS[1])
 if type(raw) == 'table' then return {'invalid', 'a key of another type'} end
 if not raw then
-  if ARGV[5] == '' then return {'missing'} end
+  local writes = redis.call('GET', KEYS[3]) or ''
+  local now = redis.call('TIME')[1]
+  if ARGV[5] == '' or writes ~= ARGV[6]
+     or tonumber(now) - tonumber(ARGV[7]) >= tonumber(ARGV[4]) then
+    return {'missing', writes, now}
+  end
   raw = ARGV[5]
 end
 local high, low = halves(raw, ARGV[3])
@@ -1102,7 +1113,9 @@ local change_high, change_low = halves(ARGV[1], 'cents')
 local value = text(high + change_high, low + change_low, ARGV[3])
 if not value then return {'range', raw} end
 redis.call('SET', KEYS[1], value, 'KEEPTTL')
-if KEYS[3] then redis.call('SADD', KEYS[3], ARGV[2]) end
+redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+if KEYS[4] then redis.call('SADD', KEYS[4], ARGV[2]) end
 redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. value, 'EX', ARGV[4])
 return {'applied', value}
 """
@@ -1130,7 +1143,8 @@ class AdjustReply:
     `missing` key, or why it wrote nothing (`invalid`, `range`, `reused`), with its detail."""
 
     status: AdjustStatus
-    detail: bytes = b""
+    detail: bytes = b""  # `missing`: the key's write counter when it was found absent
+    at: bytes = b""  # `missing`: the server's time then, in seconds
 
     @classmethod
     def parse(cls, reply: object) -> AdjustReply:
@@ -1138,7 +1152,8 @@ class AdjustReply:
         parts = [p if isinstance(p, bytes) else str(p).encode() for p in cast(list[Any], reply)]
         status = parts[0].decode()
         assert status in get_args(AdjustStatus), reply
-        return cls(cast(AdjustStatus, status), parts[1] if len(parts) > 1 else b"")
+        parts += [b"", b""]
+        return cls(cast(AdjustStatus, status), parts[1], parts[2])
 
 
 class ReplyLost(Exception):
@@ -1156,6 +1171,11 @@ def adjustment_key(balance_key: str, adjustment_id: str) -> str:
     end = balance_key.find("}", start + 1) if start >= 0 else -1
     tag = balance_key[start + 1 : end] if start >= 0 and end > start + 1 else balance_key
     return f"balsync:adj:{{{tag}}}:{adjustment_id}"
+
+
+def write_counter_key(balance_key: str) -> str:
+    """The counter of the writer's writes to a balance, in the balance key's slot."""
+    return adjustment_key(balance_key, "writes")
 
 
 class _Tracking:
@@ -1179,9 +1199,10 @@ class _Tracking:
         *,
         record_ttl: int,
         base: bytes | None = None,
+        absent: AdjustReply | None = None,
     ) -> Adjustment:
         """The script call that adds `change_cents` once, starting from `base` (what SET NX
-        would put) where the key is absent."""
+        would put) where the key is still absent as `absent` reported it."""
         key = self.balance_key(telegram_id)
         record = adjustment_key(key, adjustment_id)
         if self.cluster and key_slot(record.encode()) != key_slot(key.encode()):
@@ -1190,9 +1211,23 @@ class _Tracking:
                 "cannot be recorded in the balance key's slot",
                 "use a prefix without braces, or with a whole {hash tag}",
             )
-        keys = (key, record) if self.cluster else (key, record, self.keys[0])
-        args = (str(change_cents), str(telegram_id), value_format, str(record_ttl), base or b"")
+        counter = write_counter_key(key)
+        keys = (key, record, counter) if self.cluster else (key, record, counter, self.keys[0])
+        args = (
+            str(change_cents),
+            str(telegram_id),
+            value_format,
+            str(record_ttl),
+            base or b"",
+            absent.detail if absent else b"",
+            absent.at if absent else b"0",
+        )
         return Adjustment(keys, args)
+
+    def set_keys(self, telegram_id: int) -> list[str]:
+        """KEYS of the set script: the balance, the dirty set, the write counter."""
+        key = self.balance_key(telegram_id)
+        return [key, self.keys[0], write_counter_key(key)]
 
 
 class TrackedWrites(_Tracking):
@@ -1209,14 +1244,19 @@ class TrackedWrites(_Tracking):
         self.client = client
         self._set = client.register_script(_SET_AND_MARK)
 
-    def set(self, telegram_id: int, value: bytes) -> None:
-        """SET the balance key to `value` and mark the id."""
+    def set(self, telegram_id: int, value: bytes, record_ttl: int) -> None:
+        """SET the balance key to `value`, count the write, and mark the id."""
         key = self.balance_key(telegram_id)
         if self.cluster:
-            self.client.set(key, value)
+            counter = write_counter_key(key)
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(key, value)
+                pipe.incr(counter)
+                pipe.expire(counter, record_ttl)
+                pipe.execute()
             self.client.sadd(self.keys[0], telegram_id)
             return
-        self._set(keys=[key, self.keys[0]], args=[value, telegram_id])
+        self._set(keys=self.set_keys(telegram_id), args=[value, telegram_id, record_ttl])
 
     def adjust(self, adjustment: Adjustment) -> AdjustReply:
         """Run the adjust script once, never retried: redis-py's own retries are bypassed,
@@ -1302,11 +1342,9 @@ class AsyncTrackedWrites(_Tracking):
         self.client = client
         self._set = client.register_script(_SET_AND_MARK)
 
-    async def set(self, telegram_id: int, value: bytes) -> None:
-        """SET the balance key to `value` and mark the id, in one script."""
-        await self._set(
-            keys=[self.balance_key(telegram_id), self.keys[0]], args=[value, telegram_id]
-        )
+    async def set(self, telegram_id: int, value: bytes, record_ttl: int) -> None:
+        """SET the balance key to `value`, count the write, and mark the id, in one script."""
+        await self._set(keys=self.set_keys(telegram_id), args=[value, telegram_id, record_ttl])
 
     async def adjust(self, adjustment: Adjustment) -> AdjustReply:
         """TrackedWrites.adjust: the script once, never retried; ReplyLost after sending."""

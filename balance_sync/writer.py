@@ -72,6 +72,9 @@ RECORD_TTL = 600
 """Seconds an applied adjustment's id is remembered: a retry with the same id within this
 time returns the first result instead of applying it again."""
 _LIMIT_CENTS = 10**20  # |balance| < 10^18 with two decimals
+# A balance found absent is read through again when it was written meanwhile (and removed
+# again: synced, then cleared); each try reads PostgreSQL once more.
+READ_THROUGH_TRIES = 5
 
 
 class _Writer:
@@ -119,6 +122,12 @@ class _Writer:
             ) from exc
 
     def _result(self, telegram_id: int, reply: AdjustReply) -> Decimal:
+        if reply.status == "missing":
+            raise BalanceInvalid(
+                f"the balance of {telegram_id} kept being written and removed while it was "
+                f"read through PostgreSQL ({READ_THROUGH_TRIES} tries); it was not changed",
+                "retry the adjustment with the same adjustment_id",
+            )
         detail = reply.detail.decode("utf-8", "backslashreplace")
         if reply.status in ("applied", "done"):
             return self._decode(reply.detail)
@@ -146,6 +155,8 @@ class _Writer:
         delta: Decimal | str,
         adjustment_id: str,
         base: bytes | None = None,
+        *,
+        absent: AdjustReply | None = None,
     ) -> Adjustment:
         cents = int(_decimal(delta).scaleb(2))
         if abs(cents) >= _LIMIT_CENTS:
@@ -157,6 +168,7 @@ class _Writer:
             self.value_format,
             record_ttl=self.record_ttl,
             base=base,
+            absent=absent,
         )
 
 
@@ -184,7 +196,7 @@ class BalanceWriter(_Writer):
 
     def set(self, telegram_id: int, amount: Decimal | str) -> None:
         """Set a balance exactly (at most two decimals; more is an error, never rounded)."""
-        self._writes.set(_telegram_id(telegram_id), self._encode(_decimal(amount)))
+        self._writes.set(_telegram_id(telegram_id), self._encode(_decimal(amount)), self.record_ttl)
 
     def adjust(
         self,
@@ -206,11 +218,15 @@ class BalanceWriter(_Writer):
         adjustment_id = adjustment_id or uuid.uuid4().hex
         adjustment = self._adjustment(self._writes, telegram_id, delta, adjustment_id)
         reply = self._run(adjustment, adjustment_id)
-        if reply.status == "missing":
+        for _ in range(READ_THROUGH_TRIES):
+            if reply.status != "missing":
+                return self._result(telegram_id, reply)
             if self.loader is None:
                 raise BalanceMissing(telegram_id, looked_up=False)
             base = self._base(telegram_id, self.loader(telegram_id), missing)
-            adjustment = self._adjustment(self._writes, telegram_id, delta, adjustment_id, base)
+            adjustment = self._adjustment(
+                self._writes, telegram_id, delta, adjustment_id, base, absent=reply
+            )
             reply = self._run(adjustment, adjustment_id)
         return self._result(telegram_id, reply)
 
@@ -244,7 +260,9 @@ class AsyncBalanceWriter(_Writer):
 
     async def set(self, telegram_id: int, amount: Decimal | str) -> None:
         """Set a balance exactly (at most two decimals; more is an error, never rounded)."""
-        await self._writes.set(_telegram_id(telegram_id), self._encode(_decimal(amount)))
+        await self._writes.set(
+            _telegram_id(telegram_id), self._encode(_decimal(amount)), self.record_ttl
+        )
 
     async def adjust(
         self,
@@ -263,11 +281,15 @@ class AsyncBalanceWriter(_Writer):
         adjustment_id = adjustment_id or uuid.uuid4().hex
         adjustment = self._adjustment(self._writes, telegram_id, delta, adjustment_id)
         reply = await self._run(adjustment, adjustment_id)
-        if reply.status == "missing":
+        for _ in range(READ_THROUGH_TRIES):
+            if reply.status != "missing":
+                return self._result(telegram_id, reply)
             if self.loader is None:
                 raise BalanceMissing(telegram_id, looked_up=False)
             base = self._base(telegram_id, await self.loader(telegram_id), missing)
-            adjustment = self._adjustment(self._writes, telegram_id, delta, adjustment_id, base)
+            adjustment = self._adjustment(
+                self._writes, telegram_id, delta, adjustment_id, base, absent=reply
+            )
             reply = await self._run(adjustment, adjustment_id)
         return self._result(telegram_id, reply)
 

@@ -437,3 +437,39 @@ def test_a_client_that_decodes_responses_works_the_same(servers: Servers, key_pr
     assert writer.adjust(1, "0.50", adjustment_id="d") == Decimal("1.50")
     assert rds.get(f"{key_prefix}1") == b"1.50"
     client.close()
+
+
+def test_a_read_through_never_starts_from_a_base_older_than_the_last_write(
+    initialized, rds, key_prefix, database_url, pg
+):
+    """Worker A misses and reads 100.00 through; meanwhile worker B adjusts (110.00), a
+    sync persists it and clear-cache frees the key again. A's stale 100.00 is refused:
+    A reads through again and adds to 110.00, so both adjustments count (115.00)."""
+    tool = initialized
+    rds.set(f"{key_prefix}1", "100.00")
+    assert _synced(tool)[0] == 0
+    tool.ok("clear-cache", "--yes", "--json")
+    assert rds.get(f"{key_prefix}1") is None
+    with database_loader(database_url) as real:
+        b = BalanceWriter(rds, prefix=key_prefix, loader=real)
+        interleaved = []
+
+        def slow_loader(telegram_id: int) -> Decimal | None:
+            value = real(telegram_id)
+            if not interleaved:  # meanwhile: worker B, the cron sync, clear-cache
+                interleaved.append(b.adjust(1, "10.00"))
+                assert _synced(tool)[0] == 0
+                tool.ok("clear-cache", "--yes", "--json")
+            return value
+
+        a = BalanceWriter(rds, prefix=key_prefix, loader=slow_loader)
+        a.adjust(1, "5.00")
+        assert interleaved == [Decimal("110.00")]
+    assert _synced(tool)[0] == 0
+    assert (rds.get(f"{key_prefix}1"), balances(pg)[1]) == (b"115.00", "115.00")
+
+
+def _synced(tool: Balsync) -> tuple[int, dict[str, object]]:
+    result = tool("sync", "--json", "--force")
+    assert result.stdout, result.stderr
+    return result.exit_code, json.loads(result.stdout)
