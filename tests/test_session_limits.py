@@ -17,7 +17,9 @@ import psycopg
 import pytest
 
 from balance_sync import pg_store
-from balance_sync.pg_store import Database
+from balance_sync.pg_store import Database, RunLock
+from balance_sync.settings import TableName
+from tests.conftest import Balsync
 from tests.devservers import free_port
 
 NAMES = (
@@ -178,4 +180,34 @@ def test_the_limits_are_set_through_pgbouncer(pgbouncer: str) -> None:
         assert found["idle_in_transaction_session_timeout"] == "300000"
         assert found["tcp_keepalives_idle"] == "30"
     finally:
+        db.close()
+
+
+def test_a_hung_runs_lock_ends_with_its_idle_session_and_a_live_run_takes_it_back(
+    initialized: Balsync,
+    database_url: str,
+    pg: psycopg.Connection[tuple[object, ...]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """idle_session_timeout (made 1 s here) ends a lock session that runs no statement, so
+    the table's lock is free for the next run; a run that was only slow takes it again at
+    its next batch, as after any reconnect."""
+    monkeypatch.setattr(pg_store, "MIN_ATTEMPT_DEADLINE", 0.1)
+    monkeypatch.setattr(pg_store, "MIN_IDLE_SESSION_S", 1.0)
+    db = Database(database_url, retry_timeout=0.1)
+    lock = RunLock(db, TableName("user_balances"))
+    try:
+        assert lock.acquire(0)
+        first = db.backend_pid
+        assert settings_of(db)["idle_session_timeout"] == "1000"
+        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1650551923"
+        assert pg.execute(held).fetchone() == (1,)
+        time.sleep(2.5)
+        assert pg.execute(held).fetchone() == (0,)  # the server ended the quiet session
+        monkeypatch.setattr(pg_store, "MIN_IDLE_SESSION_S", 900.0)
+        db.retry_timeout, db.deadline = 5, 30  # the slow run's next batch, as usual
+        assert lock.holder_pid() != first
+        assert pg.execute(held).fetchone() == (1,)
+    finally:
+        lock.release()
         db.close()
