@@ -587,12 +587,14 @@ def _persistence_verdict(p: Persistence, interval: float, every: str) -> tuple[b
     )
     rules = p.save_rules
     if rules is None:  # CONFIG GET not permitted
-        if not p.rdb_saves and unsaved:
+        # Before Redis 7 INFO does not count snapshots: then only their age can tell.
+        if p.rdb_saves == 0 and unsaved:
             return False, (
                 f"no AOF and no RDB snapshot since the server started, {unsaved:,} changes "
                 "unsaved (read from INFO: CONFIG GET is not permitted): it keeps nothing"
             )
-        described = f"no AOF; RDB snapshots taken: {p.rdb_saves or 0} (read from INFO)"
+        taken = "an unknown number of" if p.rdb_saves is None else f"{p.rdb_saves}"
+        described = f"no AOF; {taken} RDB snapshots since the server started (read from INFO)"
     elif not rules:
         return False, "no AOF and no `save` rules: it keeps nothing on disk"
     else:

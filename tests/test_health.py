@@ -89,10 +89,11 @@ def insert_run(
     )
 
 
-def test_healthy_after_a_partial_sync_exits_0(
+def test_after_a_partial_sync_only_the_shared_redis_persistence_fails(
     initialized: Balsync, rds: redis.Redis, key_prefix: str
 ) -> None:
-    """After a sync (partial counts as success) on sound servers every check passes: exit 0."""
+    """After a sync (partial counts as success) every check passes but persistence, since
+    the shared Redis keeps nothing on disk: degraded, exit 1 (a durable one: see below)."""
     rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "oops"})
     assert initialized("sync").exit_code == 1
     rds.delete(f"{key_prefix}2")  # an invalid value left in Redis is a risk of its own
@@ -622,3 +623,30 @@ def test_a_lock_held_without_progress_is_degraded_naming_the_backend(
         "detail": f"no run holds the lock on {TABLE}",
         "latency_ms": None,
     }
+
+
+def test_without_config_get_snapshots_taken_recently_pass(
+    initialized: Balsync, tmp_path: Path
+) -> None:
+    """A user denied CONFIG, on a server that snapshots: INFO's count of snapshots and the
+    age of the last one say it persists."""
+    server = ValkeyServer(tmp_path / "snapshots", extra=("--save", "60 1")).start()
+    try:
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser(
+            "monitor", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-config"]
+        )
+        admin.set("balsync-test:probe", "1")
+        admin.bgsave()
+        deadline = time.monotonic() + 20
+        while admin.info("persistence")["rdb_changes_since_last_save"]:
+            assert time.monotonic() < deadline, admin.info("persistence")
+            time.sleep(0.1)
+        url = f"redis://monitor:pw@127.0.0.1:{server.port}/0"
+        _, _, checks = health_json(initialized, env={"BALSYNC_REDIS_URL": url})
+        assert checks["persistence"]["ok"], checks["persistence"]
+        assert checks["persistence"]["detail"].startswith(
+            "no AOF; 1 RDB snapshots since the server started (read from INFO), last saved"
+        )
+    finally:
+        server.stop()
