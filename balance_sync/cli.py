@@ -849,8 +849,11 @@ def health(*, settings: Settings, output: Output, max_age: float) -> int:
     version), balsync's schema and the target table present, the last successful sync
     younger than --max-age, and what operators miss: a maxmemory-policy that can evict
     balance keys, balance keys carrying a TTL (a sample of 1000), Redis memory above 90%
-    of maxmemory, Redis restarted since the last successful sync, and the size of
-    balsync's own tables (degraded when retention is off and they pass 1 GiB).
+    of maxmemory, Redis restarted since the last successful sync, a Redis primary that
+    would lose balances on a restart (no AOF, no save rules shorter than the sync
+    interval, a failed snapshot), the size of balsync's own tables (degraded when
+    retention is off and they pass 1 GiB), and the table's lock held by a session that
+    has done nothing for 10 minutes (named, with the backend to terminate).
 
     Exit 0 healthy, 1 degraded (a check failed), 3 Redis unreachable, 4 PostgreSQL
     unreachable (after --retry-timeout); the report is printed in every case.

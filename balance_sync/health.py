@@ -1,5 +1,6 @@
-"""Health: can balsync reach both stores, is its schema there, is the last sync recent, and
-is money at risk in Redis (eviction, expiring keys, memory, a restart since the last sync).
+"""Health: can balsync reach both stores, is its schema there, is the last sync recent, is
+money at risk in Redis (eviction, expiring keys, memory, a restart since the last sync, a
+server that keeps nothing on disk), and does a run hold the table's lock without progress.
 
 Every check only reads. A store that cannot be reached within the retry budget is a failing
 check in the report, not an exception, so a monitor always gets the whole picture; the
@@ -8,10 +9,12 @@ checks that need it are reported as not checked.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 from balance_sync.errors import (
@@ -21,7 +24,7 @@ from balance_sync.errors import (
     SchemaMissing,
 )
 from balance_sync.pg_store import Database, RunRecord
-from balance_sync.redis_store import RedisStore, ServerInfo
+from balance_sync.redis_store import Persistence, RedisStore, ServerInfo
 from balance_sync.restart_guard import restart_pending
 from balance_sync.retention import bookkeeping_size, format_bytes
 from balance_sync.settings import Settings
@@ -34,6 +37,15 @@ DEFAULT_MAX_AGE = 7200.0  # two hourly runs missed
 TTL_SAMPLE_SIZE = 1000
 VALUE_SAMPLE_SIZE = 1000
 MEMORY_WARN_RATIO = 0.9
+# A running sync's lock session runs a statement every batch; one quiet for this long
+# belongs to a run that died or hangs, and every run meanwhile skips.
+STALE_LOCK_AFTER = 600.0
+RECENT_RUNS = 10  # run starts whose gaps tell the sync interval
+PERSISTENCE_ADVICE = (
+    "set `appendonly yes` with `appendfsync everysec`, or `save` rules that snapshot more "
+    "often than balsync syncs (e.g. `save 60 1`), in redis.conf (or CONFIG SET, then CONFIG "
+    "REWRITE)"
+)
 # uptime_in_seconds is truncated to whole seconds; without this slack a sync that finished
 # within the server's first second would look older than the server.
 _UPTIME_SLACK_S = 1.0
@@ -90,17 +102,21 @@ class HealthReport:
         return {"status": self.status, "checks": [check.to_json() for check in self.checks]}
 
 
-def check_health(settings: Settings, max_age: float = DEFAULT_MAX_AGE) -> HealthReport:
+def check_health(
+    settings: Settings, max_age: float = DEFAULT_MAX_AGE, stale_lock_after: float | None = None
+) -> HealthReport:
     """Run every check once, changing nothing, and report.
 
-    `max_age` is how many seconds ago the last successful sync may have finished. An
-    unreachable store costs at most one retry budget (`settings.retry_timeout`), not one
-    per check.
+    `max_age` is how many seconds ago the last successful sync may have finished;
+    `stale_lock_after` (default STALE_LOCK_AFTER) how long the session holding the
+    table's lock may go without a statement. An unreachable store costs at most one retry
+    budget (`settings.retry_timeout`), not one per check.
     """
     redis = RedisStore(settings.redis_url, settings.retry_timeout)
     db = Database(settings.database_url, settings.retry_timeout)
+    stale = STALE_LOCK_AFTER if stale_lock_after is None else stale_lock_after
     try:
-        return _Probe(settings, max_age, redis, db).run()
+        return _Probe(settings, max_age, redis, db, stale).run()
     finally:
         redis.close()
         db.close()
@@ -124,9 +140,17 @@ class _NotChecked(Exception):
 class _Probe:
     """The state one health run shares between its checks."""
 
-    def __init__(self, settings: Settings, max_age: float, redis: RedisStore, db: Database) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        max_age: float,
+        redis: RedisStore,
+        db: Database,
+        stale_lock_after: float = STALE_LOCK_AFTER,
+    ) -> None:
         self.settings = settings
         self.max_age = max_age
+        self.stale_lock_after = stale_lock_after
         self.redis = redis
         self.db = db
         self.info: ServerInfo | None = None
@@ -148,7 +172,9 @@ class _Probe:
                 ("invalid_values", self.invalid_values),
                 ("memory", self.memory),
                 ("redis_restart", self.redis_restart),
+                ("persistence", self.persistence),
                 ("bookkeeping", self.bookkeeping),
+                ("sync_lock", self.sync_lock),
                 *((("sentinel", self.sentinel),) if self.redis.sentinel is not None else ()),
             )
         )
@@ -267,7 +293,86 @@ class _Probe:
             return Check("bookkeeping", ok=False, detail=f"{detail}: {size.warning}")
         return Check("bookkeeping", ok=True, detail=detail)
 
+    def sync_lock(self) -> Check:
+        self._require_schema()
+        table = self.settings.table
+        holder = self.db.lock_holder(table)
+        if holder is None:
+            return Check("sync_lock", ok=True, detail=f"no run holds the lock on {table}")
+        run = self.db.running_run(table)
+        session = (
+            f"backend pid {holder.backend_pid} ({holder.application_name or 'no application'}"
+            f" from {holder.client_addr or 'a local socket'}, {holder.state or 'state hidden'})"
+        )
+        what = (
+            f"run {run.id} (host {run.host}, pid {run.pid}, started "
+            f"{format_duration(_age_s(run.started_at, holder.state_change, holder.quiet_s))} "
+            "ago)"
+            if run is not None
+            else "a session with no running sync recorded (restore, clear-cache, or another client)"
+        )
+        if holder.quiet_s is None:
+            return Check(
+                "sync_lock",
+                ok=True,
+                detail=f"{what} holds the lock on {table} through {session}; how long it has "
+                "been quiet is hidden from this role (grant pg_read_all_stats to tell)",
+            )
+        quiet = format_duration(holder.quiet_s)
+        if holder.quiet_s <= self.stale_lock_after:
+            return Check(
+                "sync_lock",
+                ok=True,
+                detail=f"{what} holds the lock on {table} through {session}, last active "
+                f"{quiet} ago",
+            )
+        where = f" on host {run.host}" if run is not None else ""
+        pid = f"process {run.pid}{where}" if run is not None else "its client"
+        return Check(
+            "sync_lock",
+            ok=False,
+            detail=f"{what} holds the lock on {table} through {session}, but that session "
+            f"has done nothing for {quiet}, more than {format_duration(self.stale_lock_after)}"
+            ": a sync that makes progress touches it every batch, and every run skips while "
+            f"it is held. If {pid} is gone or hung, end the session: SELECT "
+            f"pg_terminate_backend({holder.backend_pid}); else wait: PostgreSQL ends a dead "
+            "client's balsync session by itself within minutes (keepalives, "
+            "idle_session_timeout)",
+        )
+
+    def _sync_interval(self) -> tuple[float, str]:
+        """How often syncs start: the median gap between the recent runs' starts, else
+        --max-age (the longest the operator lets pass between syncs); and where it came from."""
+        if self.postgres_error is None and self.schema_error is None:
+            runs = self.db.recent_runs(self.settings.table, RECENT_RUNS)
+            gaps = sorted(
+                (newer.started_at - older.started_at).total_seconds()
+                for newer, older in itertools.pairwise(runs)
+            )
+            if gaps:
+                return max(1.0, gaps[len(gaps) // 2]), "the recent runs' interval"
+        return self.max_age, "--max-age"
+
     # -- risks to money in Redis ----------------------------------------------------------
+
+    def persistence(self) -> Check:
+        info = self._server()
+        interval, source = self._sync_interval()
+        every = f"{format_duration(interval)} ({source})"
+        verdicts = [_persistence_verdict(p, interval, every) for p in info.persistence]
+        named = len(verdicts) > 1 or any(p.server for p in info.persistence)
+        parts = [
+            f"{p.server or self.settings.redis_display}: {text}" if named else text
+            for p, (_, text) in zip(info.persistence, verdicts, strict=True)
+        ]
+        ok = all(safe for safe, _ in verdicts)
+        detail = "; ".join(parts) or "the server did not describe its persistence"
+        if not ok:
+            detail += (
+                ": a restart loses every balance written since the last sync that Redis did "
+                f"not persist; {PERSISTENCE_ADVICE}"
+            )
+        return Check("persistence", ok=ok, detail=detail)
 
     def eviction_policy(self) -> Check:
         info = self._server()
@@ -450,6 +555,66 @@ class _Probe:
             ok=True,
             detail=f"{up}: no restart since the last successful sync",
         )
+
+
+def _persistence_verdict(p: Persistence, interval: float, every: str) -> tuple[bool, str]:
+    """Whether one primary keeps what it was written across a restart, and in words why.
+
+    AOF with working writes is enough. Without it, RDB snapshots must be configured, succeed,
+    and come more often than syncs do: a balance lives only in Redis until the next sync.
+    Where CONFIG GET is not permitted, INFO tells whether snapshots were ever taken.
+    """
+    failed = []
+    if not p.rdb_last_bgsave_ok:
+        # With stop-writes-on-bgsave-error (the default) Redis also refuses the bot's writes.
+        failed.append(
+            "the last RDB snapshot failed (rdb_last_bgsave_status err): check the server's "
+            "log, and the space and permissions of its `dir`"
+        )
+    if p.aof_enabled:
+        if not p.aof_last_write_ok:
+            failed.append("AOF is on but its writes fail (aof_last_write_status err)")
+            return False, "; ".join(failed)
+        fsync = f", appendfsync {p.appendfsync}" if p.appendfsync else ""
+        return not failed, "; ".join([f"AOF on{fsync}", *failed])
+    unsaved = p.rdb_changes_since_last_save
+    age = p.rdb_last_save_age_s
+    stale = (
+        f"{unsaved:,} changes not saved for {format_duration(age)}, longer than syncs come "
+        f"(every {every})"
+        if unsaved and age is not None and age > interval
+        else ""
+    )
+    rules = p.save_rules
+    if rules is None:  # CONFIG GET not permitted
+        # Before Redis 7 INFO does not count snapshots: then only their age can tell.
+        if p.rdb_saves == 0 and unsaved:
+            return False, (
+                f"no AOF and no RDB snapshot since the server started, {unsaved:,} changes "
+                "unsaved (read from INFO: CONFIG GET is not permitted): it keeps nothing"
+            )
+        taken = "an unknown number of" if p.rdb_saves is None else f"{p.rdb_saves}"
+        described = f"no AOF; {taken} RDB snapshots since the server started (read from INFO)"
+    elif not rules:
+        return False, "no AOF and no `save` rules: it keeps nothing on disk"
+    else:
+        shown = " ".join(f"{seconds} {changes}" for seconds, changes in rules)
+        described = f"no AOF; save {shown}"
+        shortest = min(seconds for seconds, _ in rules)
+        if shortest > interval:
+            failed.append(f"no `save` rule snapshots within the sync interval (every {every})")
+    if stale:
+        failed.append(stale)
+    if age is not None:
+        described += f", last saved {format_duration(age)} ago"
+    return not failed, "; ".join([described, *failed])
+
+
+def _age_s(started: datetime, state_change: datetime | None, quiet_s: float | None) -> float:
+    """Seconds since `started`, by the database's clock where the holder's figures give it."""
+    if state_change is not None and quiet_s is not None:
+        return max(0.0, (state_change - started).total_seconds() + quiet_s)
+    return max(0.0, (datetime.now(UTC) - started).total_seconds())
 
 
 def _timed_ms(fn: Callable[[], None]) -> float:

@@ -49,6 +49,23 @@ CONNECT_OPTIONS: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 30000,
 }
+# Server-side limits for balsync's own sessions. Without them a run whose host died keeps
+# its session, and the table's advisory lock, until the server's kernel gives up on the
+# TCP connection (about two hours by default), and every run meanwhile skips with exit 0.
+# Keepalives end a dead client's session within about a minute; the idle limits end one
+# that a hung process, or a pooler's still-open server connection, keeps alive.
+SESSION_KEEPALIVES: dict[str, str] = {
+    "tcp_keepalives_idle": "30",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "60000",  # ms: data sent to a dead client is not retransmitted for hours
+}
+# A healthy run's lock connection is idle between batches, and a batch waits at most a few
+# retry budgets (Redis reads, a writer's retried merge): the limit is far above that.
+MIN_IDLE_SESSION_S = 900.0
+# balsync's transactions wait on Redis only between statements (the restart guard's check,
+# conflict resolution), each under the retry budget.
+MIN_IDLE_IN_TRANSACTION_S = 300.0
 RAW_VALUE_LIMIT = 200
 # The least time one attempt (a statement, a batch's transaction) may go unanswered; the
 # retry budget raises it. Far above a healthy batch merge, short enough that a silent
@@ -387,8 +404,49 @@ class Database:
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:
                 self._conn.close()
-            self._conn = psycopg.connect(self.url, autocommit=True, **CONNECT_OPTIONS)
+            self._conn = None
+            conn = psycopg.connect(self.url, autocommit=True, **CONNECT_OPTIONS)
+            try:
+                self._limit_session(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
+
+    def session_settings(self) -> dict[str, str]:
+        """The server settings each of balsync's sessions sets for itself, in their units
+        (the timeouts in milliseconds), scaled to the retry budget."""
+        return {
+            **SESSION_KEEPALIVES,
+            "idle_session_timeout": str(int(max(MIN_IDLE_SESSION_S, 10 * self.deadline) * 1000)),
+            "idle_in_transaction_session_timeout": str(
+                int(max(MIN_IDLE_IN_TRANSACTION_S, 4 * self.deadline) * 1000)
+            ),
+        }
+
+    def _limit_session(self, conn: Connection) -> None:
+        """Apply `session_settings` to a new session, so no server configuration is needed.
+
+        set_config after connecting, not libpq's `options` startup parameter: PgBouncer
+        refuses a startup parameter it does not know unless told to ignore it, while a
+        statement passes any pooler. A setting the server lacks (idle_session_timeout
+        before PostgreSQL 14) is left out; a server that refuses the rest is logged and
+        used as it is: the limits shorten a dead run's hold, the sync is correct without.
+        """
+        settings = self.session_settings()
+        try:
+            with _watchdog(conn, self.deadline):
+                conn.execute(
+                    """SELECT set_config(v.name, v.setting, false)
+                       FROM unnest(%s::text[], %s::text[]) AS v(name, setting)
+                       WHERE v.name IN (SELECT name FROM pg_settings)""",
+                    (list(settings), list(settings.values())),
+                )
+        except psycopg.Error as exc:
+            if retry.is_transient_postgres(exc) or conn.broken:
+                raise
+            log.warning("PostgreSQL refused balsync's session limits: %s", _first_line(exc))
 
     def close(self) -> None:
         """Close the connection; a session-level advisory lock goes with it."""
@@ -1034,7 +1092,8 @@ class Database:
         query: LiteralString = (
             """SELECT l.pid AS backend_pid, a.application_name,
                       host(a.client_addr) AS client_addr, a.backend_start,
-                      a.state_change, a.state
+                      a.state_change, a.state,
+                      extract(epoch FROM now() - a.state_change)::float8 AS quiet_s
                FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
                WHERE l.granted AND l."""
             + _LOCK_ROW
@@ -1242,6 +1301,9 @@ class LockHolder:
     backend_start: datetime | None
     state_change: datetime | None
     state: str | None
+    # Seconds since the session last started or ended a statement, by the server's clock:
+    # a running sync's lock session touches the lock every batch.
+    quiet_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ off so that one budget (`--retry-timeout`) bounds the whole run.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -429,6 +430,13 @@ class RedisStore:
             policy, policy_source = "", "INFO"
         if not policy:
             policy, policy_source = _text(info.get("maxmemory_policy")) or "unknown", "INFO"
+        if node is not None:
+            name = str(node.name)
+        elif self.sentinel is not None:
+            host, port = self._call(partial(self.sentinel.discover_master, self.service))
+            name = f"{host}:{port} (master of {self.service})"
+        else:
+            name = ""
         return ServerInfo(
             version=_text(info.get("valkey_version") or info.get("redis_version")),
             role=_text(info.get("role")),
@@ -440,6 +448,35 @@ class RedisStore:
             maxmemory_human=_text(info.get("maxmemory_human")),
             maxmemory_policy=policy,
             policy_source=policy_source,
+            persistence=(self._persistence(client, name, info),),
+        )
+
+    def _persistence(
+        self, client: redis.Redis | RedisCluster, name: str, info: dict[str, object]
+    ) -> Persistence:
+        """How one server keeps its keys on disk: INFO persistence, and CONFIG GET save and
+        appendfsync where permitted (None where not: the caller infers from INFO)."""
+        configured: dict[str, str | None] = {}
+        for parameter in ("save", "appendfsync"):
+            try:
+                reply = cast(dict[str, object], self._call(partial(client.config_get, parameter)))
+                configured[parameter] = _text(reply.get(parameter)) if parameter in reply else None
+            except rx.ResponseError:
+                configured[parameter] = None
+        save = configured["save"]
+        # The server's own clock: the host running balsync may be set otherwise.
+        now = _int(info.get("server_time_usec")) / 1e6 or time.time()
+        last_save = _int(info.get("rdb_last_save_time"))
+        return Persistence(
+            server=name,
+            aof_enabled=_int(info.get("aof_enabled")) == 1,
+            aof_last_write_ok=_text(info.get("aof_last_write_status")) in ("ok", ""),
+            appendfsync=configured["appendfsync"],
+            save_rules=None if save is None else _save_rules(save),
+            rdb_last_bgsave_ok=_text(info.get("rdb_last_bgsave_status")) in ("ok", ""),
+            rdb_last_save_age_s=max(0.0, now - last_save) if last_save else None,
+            rdb_changes_since_last_save=_int(info.get("rdb_changes_since_last_save")),
+            rdb_saves=_int(info.get("rdb_saves")) if "rdb_saves" in info else None,
         )
 
     def database_size(self) -> int:
@@ -881,6 +918,33 @@ class ServerInfo:
     maxmemory_human: str
     maxmemory_policy: str
     policy_source: str  # "CONFIG GET", or "INFO" where CONFIG is not permitted
+    persistence: tuple[Persistence, ...] = ()  # one per primary
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """How one primary keeps its keys across a restart (INFO persistence, CONFIG GET).
+
+    `server` names the primary: host:port in a cluster, the master behind Sentinel, ""
+    for the one server of a redis:// URL. `appendfsync` and `save_rules` are None where
+    CONFIG GET is not permitted; `save_rules` are (seconds, changes) pairs, () for none.
+    """
+
+    server: str
+    aof_enabled: bool
+    aof_last_write_ok: bool
+    appendfsync: str | None
+    save_rules: tuple[tuple[int, int], ...] | None
+    rdb_last_bgsave_ok: bool
+    rdb_last_save_age_s: float | None
+    rdb_changes_since_last_save: int
+    rdb_saves: int | None  # snapshots since the server started; None before Redis 7
+
+
+def _save_rules(value: str) -> tuple[tuple[int, int], ...]:
+    """CONFIG GET save's "3600 1 300 100" as ((3600, 1), (300, 100)); "" is no rule."""
+    numbers = [int(part) for part in value.split() if part.isdigit()]
+    return tuple(zip(numbers[::2], numbers[1::2], strict=False))
 
 
 @dataclass(frozen=True)
@@ -1016,6 +1080,7 @@ def _cluster_info(infos: list[ServerInfo]) -> ServerInfo:
         maxmemory_human=_human_bytes(maxmemory),
         maxmemory_policy=listed(info.maxmemory_policy for info in infos),
         policy_source="INFO" if any(i.policy_source == "INFO" for i in infos) else "CONFIG GET",
+        persistence=tuple(p for info in infos for p in info.persistence),
     )
 
 

@@ -1,12 +1,14 @@
 """`balsync health`: every check, every flag, every exit code, on real servers.
 
-Checks that need a server configured otherwise (eviction policy, maxmemory, ACL, a restart)
-run against a Valkey of the test's own; the shared one is never reconfigured.
+Checks that need a server configured otherwise (eviction policy, maxmemory, ACL, a restart,
+persistence) run against a Valkey of the test's own; the shared one is never reconfigured.
+The shared Redis keeps nothing on disk, so its persistence check fails: a real money risk.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import psycopg
 import pytest
 import redis
 
+from balance_sync import health
 from balance_sync.health import format_duration
 from tests.conftest import Balsync
 from tests.devservers import ValkeyServer, free_port
@@ -30,17 +33,35 @@ CHECKS = [
     "invalid_values",
     "memory",
     "redis_restart",
+    "persistence",
     "bookkeeping",
+    "sync_lock",
 ]
 FAST = ("--retry-timeout", "0.3")
+TABLE = "user_balances"
 
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[ValkeyServer]:
-    """A Valkey of this test's own, free to reconfigure and restart."""
+    """A Valkey of this test's own, free to reconfigure and restart (nothing on disk)."""
     server = ValkeyServer(tmp_path / "valkey").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[ValkeyServer]:
+    """A Valkey of this test's own that keeps an append-only file, fsynced every second."""
+    server = ValkeyServer(
+        tmp_path / "durable", extra=("--appendonly", "yes", "--appendfsync", "everysec")
+    ).start()
+    yield server
+    server.stop()
+
+
+def failing(checks: dict[str, Any]) -> set[str]:
+    """The names of the checks that failed."""
+    return {name for name, check in checks.items() if not check["ok"]}
 
 
 def health_json(balsync: Balsync, *args: str, env: dict[str, str] | None = None) -> Any:
@@ -68,17 +89,18 @@ def insert_run(
     )
 
 
-def test_healthy_after_a_partial_sync_exits_0(
+def test_after_a_partial_sync_only_the_shared_redis_persistence_fails(
     initialized: Balsync, rds: redis.Redis, key_prefix: str
 ) -> None:
-    """After a sync (partial counts as success) on sound servers every check passes: exit 0."""
+    """After a sync (partial counts as success) every check passes but persistence, since
+    the shared Redis keeps nothing on disk: degraded, exit 1 (a durable one: see below)."""
     rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "oops"})
     assert initialized("sync").exit_code == 1
     rds.delete(f"{key_prefix}2")  # an invalid value left in Redis is a risk of its own
     code, report, checks = health_json(initialized)
-    assert code == 0, report
-    assert report["status"] == "healthy"
-    assert all(check["ok"] for check in report["checks"])
+    # The shared Redis keeps nothing on disk: that, and only that, is reported.
+    assert failing(checks) == {"persistence"}, report
+    assert (code, report["status"]) == (1, "degraded")
     assert checks["redis"]["latency_ms"] > 0
     assert checks["postgres"]["latency_ms"] > 0
     assert "role master" in checks["redis"]["detail"]
@@ -92,13 +114,15 @@ def test_healthy_after_a_partial_sync_exits_0(
     )
     assert "noeviction" in checks["eviction_policy"]["detail"]
     assert "no restart" in checks["redis_restart"]["detail"]
+    assert f"no run holds the lock on {TABLE}" == checks["sync_lock"]["detail"]
 
 
 def test_human_output_is_a_table_of_checks(initialized: Balsync) -> None:
     """Without --json health prints a table with one row per check and the status."""
     initialized.ok("sync")
-    result = initialized.ok("health")
-    assert "Health: healthy" in result.stdout
+    result = initialized("health")
+    assert result.exit_code == 1  # the shared Redis keeps nothing on disk
+    assert "Health: degraded" in result.stdout
     for name in CHECKS:
         assert name in result.stdout
 
@@ -205,7 +229,7 @@ def test_values_the_sync_never_persists_are_a_money_risk(
     assert f"{key_prefix}8' = -: a hash, not a string" in detail
     assert "INCRBYFLOAT" in detail
     assert "balsync skipped" in detail
-    assert all(check["ok"] for name, check in checks.items() if name != "invalid_values")
+    assert failing(checks) == {"invalid_values", "persistence"}
 
 
 def test_the_value_sample_reads_in_the_value_format(
@@ -353,8 +377,11 @@ def test_both_unreachable_exits_3(balsync: Balsync) -> None:
     assert "Health: unhealthy" in result.stdout
 
 
-def test_quiet_is_silent_when_healthy_and_speaks_on_stderr_otherwise(balsync: Balsync) -> None:
+def test_quiet_is_silent_when_healthy_and_speaks_on_stderr_otherwise(
+    balsync: Balsync, durable_redis: ValkeyServer
+) -> None:
     """--quiet: nothing when healthy; the table on stderr, stdout empty, when not."""
+    balsync.env["BALSYNC_REDIS_URL"] = durable_redis.url
     degraded = balsync("health", "--quiet")
     assert degraded.exit_code == 1
     assert degraded.stdout == ""
@@ -436,3 +463,190 @@ def test_a_failover_is_seen_by_its_run_id(
     assert f"not {'f' * 40}" in detail
     assert str(rds.info("server")["run_id"]) in detail
     assert "failed over" in detail
+
+
+# -- persistence: a Redis that keeps nothing loses every balance since the last sync -----------
+
+
+def test_a_redis_that_keeps_nothing_is_a_money_risk_with_what_to_set(
+    initialized: Balsync, own_redis: ValkeyServer
+) -> None:
+    """Neither AOF nor `save` rules: persistence fails, saying what a restart loses and what
+    to set (appendonly yes with appendfsync everysec, or save rules): degraded, exit 1."""
+    code, report, checks = health_json(initialized, env={"BALSYNC_REDIS_URL": own_redis.url})
+    assert (code, report["status"]) == (1, "degraded")
+    detail = checks["persistence"]["detail"]
+    assert not checks["persistence"]["ok"]
+    assert "no AOF and no `save` rules: it keeps nothing on disk" in detail
+    assert "a restart loses every balance written since the last sync" in detail
+    assert "`appendonly yes` with `appendfsync everysec`" in detail
+    assert "`save` rules" in detail
+
+
+def test_a_redis_with_aof_on_is_healthy(
+    initialized: Balsync, durable_redis: ValkeyServer, key_prefix: str
+) -> None:
+    """AOF on with working writes is enough: persistence passes, and health is healthy."""
+    env = {"BALSYNC_REDIS_URL": durable_redis.url}
+    redis.Redis.from_url(durable_redis.url).set(f"{key_prefix}1", "1.00")
+    initialized.ok("sync", env=env)
+    code, report, checks = health_json(initialized, env=env)
+    assert (code, report["status"]) == (0, "healthy"), report
+    assert checks["persistence"]["detail"] == "AOF on, appendfsync everysec"
+
+
+def test_rdb_snapshots_more_often_than_syncs_pass_and_rarer_ones_fail(
+    initialized: Balsync, tmp_path: Path, pg: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """`save` rules are compared with the sync interval the run records show: a 60 s rule
+    under 5-minute syncs passes, a 3600 s rule alone fails, naming the rule."""
+    server = ValkeyServer(tmp_path / "rdb", extra=("--save", "60 1")).start()
+    try:
+        env = {"BALSYNC_REDIS_URL": server.url}
+        insert_run(pg, "success", "10 minutes")
+        insert_run(pg, "success", "5 minutes")
+        insert_run(pg, "success", "0 seconds")
+        code, _, checks = health_json(initialized, env=env)
+        assert checks["persistence"]["ok"], checks["persistence"]
+        assert checks["persistence"]["detail"].startswith("no AOF; save 60 1, last saved")
+        redis.Redis.from_url(server.url).config_set("save", "3600 1")
+        code, _, checks = health_json(initialized, env=env)
+        assert code == 1
+        detail = checks["persistence"]["detail"]
+        assert "no AOF; save 3600 1" in detail
+        assert "no `save` rule snapshots within the sync interval (every 5 min" in detail
+    finally:
+        server.stop()
+
+
+def test_a_failed_rdb_snapshot_is_degraded(initialized: Balsync, tmp_path: Path) -> None:
+    """A server whose last BGSAVE failed (its `dir` gone) is named as not persisting."""
+    folder = tmp_path / "vanishing"
+    # With the default `stop-writes-on-bgsave-error yes` the server then refuses even PING
+    # (MISCONF), and the redis check fails with that message instead.
+    server = ValkeyServer(
+        folder, extra=("--save", "60 1", "--stop-writes-on-bgsave-error", "no")
+    ).start()
+    try:
+        admin = redis.Redis.from_url(server.url)
+        admin.set("balsync-test:probe", "1")
+        shutil.rmtree(folder)  # the server works in there: the snapshot has nowhere to go
+        admin.bgsave()
+        deadline = time.monotonic() + 20
+        while admin.info("persistence")["rdb_last_bgsave_status"] != "err":
+            assert time.monotonic() < deadline, admin.info("persistence")
+            time.sleep(0.1)
+        code, _, checks = health_json(initialized, env={"BALSYNC_REDIS_URL": server.url})
+        assert code == 1
+        detail = checks["persistence"]["detail"]
+        assert not checks["persistence"]["ok"]
+        assert "the last RDB snapshot failed (rdb_last_bgsave_status err)" in detail
+        assert "permissions of its `dir`" in detail
+    finally:
+        # A server with save rules refuses to shut down when its final snapshot fails.
+        redis.Redis.from_url(server.url).config_set("save", "")
+        server.stop()
+
+
+def test_without_config_get_persistence_is_read_from_info(
+    initialized: Balsync, own_redis: ValkeyServer
+) -> None:
+    """A user denied CONFIG: no snapshot since start and unsaved changes still tell that
+    the server keeps nothing."""
+    admin = redis.Redis.from_url(own_redis.url)
+    admin.acl_setuser(
+        "monitor", enabled=True, passwords=["+s3cret"], keys=["*"], commands=["+@all", "-config"]
+    )
+    admin.set("balsync-test:probe", "1")
+    url = f"redis://monitor:s3cret@127.0.0.1:{own_redis.port}/0"
+    code, _, checks = health_json(initialized, env={"BALSYNC_REDIS_URL": url})
+    assert code == 1
+    detail = checks["persistence"]["detail"]
+    assert "no AOF and no RDB snapshot since the server started" in detail
+    assert "CONFIG GET is not permitted" in detail
+
+
+# -- the table's lock, held by a session that makes no progress --------------------------------
+
+LOCK = "SELECT pg_advisory_lock(1650551923, to_regclass('public.user_balances')::oid::int4)"
+
+
+def insert_running_run(pg: psycopg.Connection[tuple[object, ...]], started_ago: str) -> int:
+    """A run record still marked running, started `started_ago` before now."""
+    row = pg.execute(
+        """INSERT INTO balsync.sync_runs (target_table, key_prefix, started_at, status,
+                                          host, pid, version)
+           VALUES ('public.user_balances', 'balance:', now() - %s::interval, 'running',
+                   'deadhost', 4242, 'test')
+           RETURNING id""",
+        (started_ago,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_lock_held_without_progress_is_degraded_naming_the_backend(
+    initialized: Balsync,
+    database_url: str,
+    pg: psycopg.Connection[tuple[object, ...]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The table's lock held by a session quiet for longer than the limit, with a running
+    run record: sync_lock fails, naming the run, its host and pid, and the backend to
+    terminate; once terminated, the lock is free and the check passes."""
+    with psycopg.connect(database_url, autocommit=True, application_name="balsync") as holder:
+        holder.execute(LOCK)
+        run_id = insert_running_run(pg, "1 hour")
+        pid = holder.info.backend_pid
+        _, _, checks = health_json(initialized)
+        assert checks["sync_lock"]["ok"], checks["sync_lock"]
+        assert f"run {run_id} (host deadhost, pid 4242" in checks["sync_lock"]["detail"]
+        assert "last active" in checks["sync_lock"]["detail"]
+
+        monkeypatch.setattr(health, "STALE_LOCK_AFTER", 0.5)
+        time.sleep(1.2)
+        code, _, checks = health_json(initialized)
+        assert code == 1
+        detail = checks["sync_lock"]["detail"]
+        assert not checks["sync_lock"]["ok"]
+        assert f"run {run_id} (host deadhost, pid 4242, started 60 min ago)" in detail
+        assert f"backend pid {pid} (balsync from 127.0.0.1, idle)" in detail
+        assert "has done nothing for" in detail
+        assert "process 4242 on host deadhost" in detail
+        assert f"SELECT pg_terminate_backend({pid})" in detail
+
+        pg.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    _, _, checks = health_json(initialized)
+    assert checks["sync_lock"] == {
+        "name": "sync_lock",
+        "ok": True,
+        "detail": f"no run holds the lock on {TABLE}",
+        "latency_ms": None,
+    }
+
+
+def test_without_config_get_snapshots_taken_recently_pass(
+    initialized: Balsync, tmp_path: Path
+) -> None:
+    """A user denied CONFIG, on a server that snapshots: INFO's count of snapshots and the
+    age of the last one say it persists."""
+    server = ValkeyServer(tmp_path / "snapshots", extra=("--save", "60 1")).start()
+    try:
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser(
+            "monitor", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-config"]
+        )
+        admin.set("balsync-test:probe", "1")
+        admin.bgsave()
+        deadline = time.monotonic() + 20
+        while admin.info("persistence")["rdb_changes_since_last_save"]:
+            assert time.monotonic() < deadline, admin.info("persistence")
+            time.sleep(0.1)
+        url = f"redis://monitor:pw@127.0.0.1:{server.port}/0"
+        _, _, checks = health_json(initialized, env={"BALSYNC_REDIS_URL": url})
+        assert checks["persistence"]["ok"], checks["persistence"]
+        assert checks["persistence"]["detail"].startswith(
+            "no AOF; 1 RDB snapshots since the server started (read from INFO), last saved"
+        )
+    finally:
+        server.stop()

@@ -67,6 +67,12 @@ def test_sync_through_sentinels_and_a_clean_failover(initialized, sentinels, key
     assert f"master 127.0.0.1:{sentinels.master_port()}" in detail
     assert all(f"127.0.0.1:{port}" in detail for port in sentinels.sentinel_ports)
     assert "in sync" in detail
+    # The master the sentinels name keeps nothing on disk, and is named as such.
+    persistence = checks["persistence"]
+    assert not persistence["ok"]
+    assert persistence["detail"].startswith(
+        f"127.0.0.1:{sentinels.master_port()} (master of balances): no AOF and no `save` rules"
+    )
 
 
 def test_a_promoted_replica_that_was_in_sync_is_trusted(initialized, pair, key_prefix, pg):
