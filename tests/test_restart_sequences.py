@@ -205,7 +205,7 @@ def test_a_renamed_table_does_not_bypass_a_pending_restart(bench, pg):
 # --------------------------------------------------------------------------------------
 
 
-def test_holds_an_invalid_value_for_a_remembered_id_is_no_evidence(bench, pg):
+def test_an_invalid_value_for_a_remembered_id_is_no_evidence(bench, pg):
     bench.server.stop()
     bench.server.start()
     bench.set({1: "abc", 2: "20.00", 3: "3.00"})
@@ -216,7 +216,7 @@ def test_holds_an_invalid_value_for_a_remembered_id_is_no_evidence(bench, pg):
     assert balances(pg)[1] == "1500.00"
 
 
-def test_holds_a_wrong_type_key_for_a_remembered_id_is_no_evidence(bench, pg):
+def test_a_wrong_type_key_for_a_remembered_id_is_no_evidence(bench, pg):
     bench.server.stop()
     bench.server.start()
     bench.set({2: "20.00", 3: "3.00"})
@@ -242,7 +242,7 @@ def test_holds_a_cleared_key_back_from_an_older_snapshot(bench, pg):
     assert balances(pg)[1] == "1600.00"
 
 
-def test_holds_on_conflict_redis_does_not_resolve_a_held_row(bench, pg):
+def test_on_conflict_redis_does_not_resolve_a_held_row(bench, pg):
     bench.server.stop()
     bench.server.start()
     bench.set({1: "5.00", 2: "20.00", 3: "3.00"})
@@ -252,7 +252,7 @@ def test_holds_on_conflict_redis_does_not_resolve_a_held_row(bench, pg):
     assert balances(pg)[1] == "1500.00"
 
 
-def test_holds_accepting_a_restart_keeps_an_admin_correction(bench, pg):
+def test_accepting_a_restart_keeps_an_admin_correction(bench, pg):
     pg.execute("UPDATE user_balances SET balance = 1400 WHERE telegram_id = 1")
     bench.server.stop()
     bench.server.start()
@@ -262,7 +262,7 @@ def test_holds_accepting_a_restart_keeps_an_admin_correction(bench, pg):
     assert balances(pg)[1] == "1400.00"
 
 
-def test_holds_on_conflict_db_overtaken_by_the_bot_is_no_evidence(bench, pg, monkeypatch):
+def test_on_conflict_db_overtaken_by_the_bot_is_no_evidence(bench, pg, monkeypatch):
     from balance_sync.redis_store import RedisStore
 
     bench.set({1: "1600.00"})
@@ -358,7 +358,7 @@ def test_an_upgrade_whose_redis_still_holds_every_key_is_trusted(bench, pg):
     assert balances(pg) == {1: "1500.00", 2: "25.00", 3: "3.00"}
 
 
-def test_a_view_trusts_an_empty_redis_after_a_restart(bench, pg):
+def test_a_view_never_trusts_an_empty_redis_after_a_restart(bench, pg):
     """user_balances is synced (1500.00 for user 1). Redis restarts and comes back empty.
     A sync through `balances_v` (a view over user_balances) is pending (it inherits the
     table's memory through the key prefix), finds no key at all, and counts 0 missing
@@ -381,7 +381,7 @@ def test_a_view_trusts_an_empty_redis_after_a_restart(bench, pg):
     assert code == 1
 
 
-def test_a_renamed_table_trusts_an_empty_redis_after_a_restart(bench, pg):
+def test_a_renamed_table_never_trusts_an_empty_redis_after_a_restart(bench, pg):
     """The same through a rename during the incident: Redis restarts empty, the table's
     own sync is pending (3 remembered keys missing). A DBA renames user_balances to
     balances (BALSYNC_TABLE follows). The first sync under the new name finds no key,
