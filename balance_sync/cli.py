@@ -26,7 +26,7 @@ from balance_sync.cache import READ_THROUGH, ClearOptions, ClearResult, clear_ca
 from balance_sync.errors import BalsyncError, ConfigError
 from balance_sync.estimate import expected_keys
 from balance_sync.health import DEFAULT_MAX_AGE, check_health
-from balance_sync.logs import EXIT_CODE, FILE_ONLY, LOGGER, bind_run, setup_logging
+from balance_sync.logs import EXIT_CODE, FILE_ONLY, LOGGER, begin_run, setup_logging
 from balance_sync.pg_store import Database, OnConflict
 from balance_sync.report import SyncFailure, failed_json, failed_result, run_reported
 from balance_sync.restore import RestoreOptions, parse_ids, run_restore
@@ -272,7 +272,7 @@ def command(
                 )
                 json_logs = settings.log_format == "json"
                 if "table" in names:
-                    bind_run(table=str(settings.table))
+                    begin_run(str(settings.table))
                 code = fn(settings=settings, output=output, **kwargs)
             except BalsyncError as exc:
                 _fail(exc, output, json_logs=json_logs)
@@ -355,7 +355,8 @@ def cli() -> None:
     """Persist user balances from Redis into PostgreSQL, one batched run at a time.
 
     Cron (or a systemd timer, or a Kubernetes CronJob) starts it; nothing stays resident.
-    Every setting is an option and an environment variable; the option wins.
+    Every setting is an option and an environment variable; the option wins. Each
+    command takes the settings it reads; its --help shows their variables and defaults.
 
     \b
     First time:      balsync init-db

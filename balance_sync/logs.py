@@ -43,12 +43,15 @@ class RunContext(logging.Filter):
 RUN_CONTEXT = RunContext()
 
 
-def bind_run(*, table: str | None = None, run_id: int | None = None) -> None:
-    """Say which table (when a command starts) or run id (once recorded) the logs are about."""
-    if table is not None:
-        RUN_CONTEXT.table = table
-    if run_id is not None:
-        RUN_CONTEXT.run_id = run_id
+def begin_run(table: str | None) -> None:
+    """From now on the logs are about `table`, and no run is recorded yet."""
+    RUN_CONTEXT.table = table
+    RUN_CONTEXT.run_id = None
+
+
+def bind_run_id(run_id: int) -> None:
+    """From now on the logs are about this recorded run."""
+    RUN_CONTEXT.run_id = run_id
 
 
 class JsonFormatter(logging.Formatter):
@@ -113,7 +116,7 @@ def setup_logging(
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
     # A new command is a new run: nothing of the previous one (tests run many) carries over.
-    RUN_CONTEXT.table = RUN_CONTEXT.run_id = None
+    begin_run(None)
 
     stderr = _StderrHandler()
     # On the handlers, not the logger: a logger's filters skip its children's records.
