@@ -634,7 +634,7 @@ def test_a_failure_s_password_stays_out_of_the_run_record_and_the_ping(
         env = base_env(seeded.pg_url(), seeded.redis_url(), BALSYNC_PING_URL=ping.url)
         result = invoke(["sync", "--force", "-v", "--log-file", str(log)], env)
         assert result.exit_code == 5, result.stderr
-        assert ping.routes() == [("GET", "/start"), ("POST", "/5")]  # URL/<exit code>
+        assert ping.routes() == [("GET", "/start"), ("POST", "/5")]  # the exit code
         body = ping.hits[-1].body.decode()
     with psycopg.connect(seeded.pg_url(), autocommit=True) as conn:
         row = conn.execute(
