@@ -230,6 +230,12 @@ class Output:
     json: bool
     verbose: bool
     quiet: bool
+    json_logs: bool = False  # --log-format json: stderr is for JSON lines only
+
+    def shows_result(self, code: int) -> bool:
+        """Whether to print the result's tables: unless quiet, and when quiet for a result
+        that needs a look (on stderr, for cron's mail), but not among JSON log lines."""
+        return not self.quiet or bool(code and not self.json_logs)
 
 
 def _apply(options: tuple[Callable[[F], F], ...], fn: F) -> F:
@@ -271,6 +277,7 @@ def command(
                     quiet=output.quiet,
                 )
                 json_logs = settings.log_format == "json"
+                output = dataclasses.replace(output, json_logs=json_logs)
                 if "table" in names:
                     begin_run(str(settings.table))
                 code = fn(settings=settings, output=output, **kwargs)
@@ -538,7 +545,7 @@ def sync(
     code = 1 if result.status == "partial" else 0
     if output.json:
         render.print_json(result.to_json())
-    elif not output.quiet or code:
+    elif output.shows_result(code):
         console = render.stdout_console() if not output.quiet else render.stderr_console()
         console.print(render.sync_table(result, str(settings.table)))
         if code:
@@ -650,7 +657,7 @@ def verify(*, settings: Settings, output: Output, limit: int, allow_negative: bo
     code = 0 if result.status == "in_sync" else 1
     if output.json:
         render.print_json(result.to_json())
-    elif not output.quiet or code:
+    elif output.shows_result(code):
         console = render.stdout_console() if not output.quiet else render.stderr_console()
         for table in render.verify_tables(result, str(settings.table)):
             console.print(table)
@@ -784,7 +791,7 @@ def restore(
     code = 1 if result.status == "partial" else 0
     if output.json:
         render.print_json(result.to_json())
-    elif not output.quiet or code:
+    elif output.shows_result(code):
         console = render.stdout_console() if not output.quiet else render.stderr_console()
         console.print(render.restore_table(result, str(settings.table)))
         if code:
@@ -930,7 +937,7 @@ def health(*, settings: Settings, output: Output, max_age: float) -> int:
     code = report.exit_code
     if output.json:
         render.print_json(report.to_json())
-    elif not output.quiet or code:
+    elif output.shows_result(code):
         console = render.stdout_console() if not output.quiet else render.stderr_console()
         console.print(render.health_table(report))
     return code

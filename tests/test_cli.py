@@ -583,6 +583,18 @@ def test_log_format_json_failure_is_a_json_line_on_stderr(initialized: Balsync) 
     assert SECRET not in _everything(result)
 
 
+def test_quiet_partial_with_json_logs_prints_no_table_among_the_json_lines(
+    initialized: Balsync, rds: redis.Redis, key_prefix: str
+) -> None:
+    """`sync --quiet --log-format json` with a skipped record: exit 1, and stderr holds JSON
+    lines only (the table cron mails in text mode would break a log reader)."""
+    rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "oops"})
+    result = initialized("sync", "--quiet", "--log-format", "json")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    _json_lines(result.stderr)
+
+
 def test_a_setting_that_cannot_resolve_is_one_text_line_even_with_json_logs(
     initialized: Balsync,
 ) -> None:
