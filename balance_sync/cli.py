@@ -7,12 +7,14 @@ SPEC's exit code; tracebacks go to the log.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -24,15 +26,22 @@ from balance_sync.cache import READ_THROUGH, ClearOptions, ClearResult, clear_ca
 from balance_sync.errors import BalsyncError, ConfigError
 from balance_sync.estimate import expected_keys
 from balance_sync.health import DEFAULT_MAX_AGE, check_health
-from balance_sync.logs import FILE_ONLY, LOGGER, setup_logging
+from balance_sync.logs import EXIT_CODE, FILE_ONLY, LOGGER, begin_run, setup_logging
 from balance_sync.pg_store import Database, OnConflict
-from balance_sync.report import run_reported
+from balance_sync.report import SyncFailure, failed_json, failed_result, run_reported
 from balance_sync.restore import RestoreOptions, parse_ids, run_restore
 from balance_sync.retention import PruneOptions, run_prune
 from balance_sync.schedule import Crontab, ScheduleChange, balsync_command, schedule_lines
 from balance_sync.schedule import install as install_schedule
 from balance_sync.schedule import uninstall as uninstall_schedule
-from balance_sync.settings import Settings, mask_text, parse_duration, resolve_settings
+from balance_sync.settings import (
+    SETTING_ENV,
+    Settings,
+    duration_text,
+    mask_text,
+    parse_duration,
+    resolve_settings,
+)
 from balance_sync.skipped import DEFAULT_LIMIT as SKIPPED_LIMIT
 from balance_sync.skipped import list_skipped
 from balance_sync.stats import DEFAULT_RUNS, collect_stats
@@ -45,106 +54,158 @@ from balance_sync.verify import DEFAULT_LIMIT, VerifyOptions, run_verify
 log = logging.getLogger(LOGGER)
 F = TypeVar("F", bound=Callable[..., Any])
 
-SETTING_OPTIONS = (
-    click.option(
+
+class SettingOption(click.Option):
+    """A setting's option: its value goes to `resolve_settings`, never read from the
+    environment by click, since settings have fallbacks (`REDIS_URL`, `REDIS_HOST`…,
+    `*_FILE` secrets) and precedence rules click does not know.
+
+    Its help shows the variables `resolve_settings` reads and the `Settings` default, so
+    the help cannot drift from what balsync does.
+    """
+
+    def __init__(self, *args: Any, setting: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.setting = setting
+        self.show_envvar = True
+
+    def get_help_extra(self, ctx: click.Context) -> click.types.OptionHelpExtra:
+        """click's extras, with the setting's variables and default."""
+        extra = super().get_help_extra(ctx)
+        extra["envvars"] = SETTING_ENV[self.setting]
+        default = setting_default(self.setting)
+        if default is not None:
+            extra["default"] = default
+        return extra
+
+
+def setting_default(name: str) -> str | None:
+    """A setting's default as an operator writes it, from `Settings` itself; None for none."""
+    value = {f.name: f.default for f in dataclasses.fields(Settings)}[name]
+    if name in ("keep_runs", "keep_skipped"):
+        return "off" if value is None else duration_text(float(value))  # type: ignore[arg-type]
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _setting(setting: str, *decls: str, **attrs: Any) -> Callable[[F], F]:
+    return click.option(*decls, cls=SettingOption, setting=setting, **attrs)
+
+
+# Every setting's option, once; a command offers those of the groups it declares.
+SETTING_OPTIONS: dict[str, Callable[[F], F]] = {
+    "redis_url": _setting(
+        "redis_url",
         "--redis-url",
         metavar="URL",
-        help="Redis holding the balances. Env: BALSYNC_REDIS_URL, REDIS_URL, "
-        "REDIS_HOST/REDIS_PORT/REDIS_PASSWORD/REDIS_DB, or a file named by "
-        "BALSYNC_REDIS_URL_FILE. [default: redis://localhost:6379/0]",
+        help="Redis holding the balances. The variables are read in this order; "
+        "BALSYNC_REDIS_URL_FILE names a file holding the URL, REDIS_HOST/REDIS_PORT/"
+        "REDIS_PASSWORD/REDIS_DB build one.",
     ),
-    click.option(
+    "cluster": _setting(
+        "cluster",
         "--cluster",
         is_flag=True,
         default=None,
         help="Redis is a Redis Cluster: scan every primary and route each key by its slot "
-        "(only database 0 exists). A redis+cluster:// or rediss+cluster:// URL implies it. "
-        "Env: BALSYNC_REDIS_CLUSTER=1.",
+        "(only database 0 exists). A redis+cluster:// or rediss+cluster:// URL implies it; "
+        "the variable takes 1 or 0.",
     ),
-    click.option(
+    "database_url": _setting(
+        "database_url",
         "--database-url",
         metavar="URL",
-        help="PostgreSQL to persist into. Env: BALSYNC_DATABASE_URL, DATABASE_URL, "
-        "BALSYNC_DATABASE_URL_FILE, else libpq's PG* variables.",
+        help="PostgreSQL to persist into. BALSYNC_DATABASE_URL_FILE names a file holding "
+        "the URL; with none set, libpq's defaults and PG* variables.",
     ),
-    click.option(
-        "--key-prefix",
-        metavar="PREFIX",
-        help="Balance keys are PREFIX<telegram_id>. Env: BALSYNC_KEY_PREFIX. [default: balance:]",
+    "key_prefix": _setting(
+        "key_prefix", "--key-prefix", metavar="PREFIX", help="Balance keys are PREFIX<telegram_id>."
     ),
-    click.option(
-        "--table",
-        metavar="[SCHEMA.]NAME",
-        help="Target table. Env: BALSYNC_TABLE. [default: user_balances]",
+    "table": _setting(
+        "table", "--table", metavar="[SCHEMA.]NAME", help="Target table (may be schema-qualified)."
     ),
-    click.option(
-        "--id-column",
-        metavar="NAME",
-        help="Id column. Env: BALSYNC_ID_COLUMN. [default: telegram_id]",
+    "id_column": _setting("id_column", "--id-column", metavar="NAME", help="Id column."),
+    "balance_column": _setting(
+        "balance_column", "--balance-column", metavar="NAME", help="Balance column."
     ),
-    click.option(
-        "--balance-column",
-        metavar="NAME",
-        help="Balance column. Env: BALSYNC_BALANCE_COLUMN. [default: balance]",
-    ),
-    click.option(
+    "value_format": _setting(
+        "value_format",
         "--value-format",
         type=click.Choice(["decimal", "cents"]),
-        help="How Redis holds money: '1500.00' or integer cents '150000'. "
-        "Env: BALSYNC_VALUE_FORMAT. [default: decimal]",
+        help="How Redis holds money: '1500.00' or integer cents '150000'.",
     ),
-    click.option(
+    "column_unit": _setting(
+        "column_unit",
         "--column-unit",
         type=click.Choice(["units", "cents"]),
         help="What one means in the balance column: a unit of money (1500.00 is 1500) or a "
         "cent (1500.00 is 150000). Required for a column without decimal places (bigint, "
-        "integer, smallint, numeric(p,0)), where balsync cannot tell them apart. "
-        "Env: BALSYNC_COLUMN_UNIT. [default: units for a column with decimals]",
+        "integer, smallint, numeric(p,0)), where balsync cannot tell them apart; a column "
+        "with decimals holds units.",
     ),
-    click.option(
+    "retry_timeout": _setting(
+        "retry_timeout",
         "--retry-timeout",
         type=float,
         metavar="SECONDS",
-        help="How long to retry transient faults before giving up. "
-        "Env: BALSYNC_RETRY_TIMEOUT. [default: 60]",
+        help="How long to retry transient faults before giving up.",
     ),
-    click.option(
+    "log_file": _setting(
+        "log_file",
         "--log-file",
         type=click.Path(dir_okay=False),
         metavar="PATH",
-        help="Append log lines here too (logrotate-friendly). Env: BALSYNC_LOG_FILE.",
+        help="Append log lines here too (logrotate-friendly).",
     ),
-    click.option(
+    "log_format": _setting(
+        "log_format",
         "--log-format",
         type=click.Choice(["text", "json"]),
-        help="Log line format. Env: BALSYNC_LOG_FORMAT. [default: text]",
+        help="Log line format, on stderr and in the log file; JSON lines carry the run id "
+        "and the table.",
     ),
-    click.option(
+    "metrics_file": _setting(
+        "metrics_file",
         "--metrics-file",
         type=click.Path(dir_okay=False),
         metavar="PATH",
         help="Write the run's metrics here for node_exporter's textfile collector "
-        "(name it *.prom). Env: BALSYNC_METRICS_FILE.",
+        "(name it *.prom).",
     ),
-    click.option(
+    "ping_url": _setting(
+        "ping_url",
         "--ping-url",
         metavar="URL",
         help="Dead man's switch: request URL/start, then URL/<exit code> (healthchecks.io "
-        "style), both with ?rid=<run uuid>. Env: BALSYNC_PING_URL.",
+        "style), both with ?rid=<run uuid>.",
     ),
-    click.option(
+    "keep_runs": _setting(
+        "keep_runs",
         "--keep-runs",
         metavar="DURATION",
         help="Keep run records this long (90d, 12h, 30m, 2w), or `off`; the runs health, "
-        "stats and the guards rely on are always kept. Env: BALSYNC_KEEP_RUNS. [default: 90d]",
+        "stats and the guards rely on are always kept.",
     ),
-    click.option(
+    "keep_skipped": _setting(
+        "keep_skipped",
         "--keep-skipped",
         metavar="DURATION",
-        help="Keep skipped records and conflicts this long, at most --keep-runs, or `off`. "
-        "Env: BALSYNC_KEEP_SKIPPED. [default: 30d]",
+        help="Keep skipped records and conflicts this long, at most --keep-runs, or `off`.",
     ),
-)
+}
+
+# Settings groups, by what a core function reads. The retry budget goes with each store.
+REDIS = ("redis_url", "cluster", "retry_timeout")
+POSTGRES = ("database_url", "retry_timeout", "table")
+COLUMNS = ("id_column", "balance_column")
+TARGET = (*COLUMNS, "column_unit")  # what describing the target table reads
+KEYS = ("key_prefix",)
+VALUES = ("value_format",)  # parsing or writing a value in Redis
+RETENTION = ("keep_runs", "keep_skipped")
+MONITORING = ("metrics_file", "ping_url")
+LOGGING = ("log_file", "log_format")  # every command logs
+
 OUTPUT_OPTIONS = (
     click.option(
         "--json",
@@ -160,24 +221,6 @@ OUTPUT_OPTIONS = (
         help="Print nothing on success (for cron: mail only failures).",
     ),
 )
-_SETTING_NAMES = (
-    "redis_url",
-    "cluster",
-    "database_url",
-    "key_prefix",
-    "table",
-    "id_column",
-    "balance_column",
-    "value_format",
-    "column_unit",
-    "retry_timeout",
-    "log_file",
-    "log_format",
-    "metrics_file",
-    "ping_url",
-    "keep_runs",
-    "keep_skipped",
-)
 
 
 @dataclass(frozen=True)
@@ -187,6 +230,12 @@ class Output:
     json: bool
     verbose: bool
     quiet: bool
+    json_logs: bool = False  # --log-format json: stderr is for JSON lines only
+
+    def shows_result(self, code: int) -> bool:
+        """Whether to print the result's tables: unless quiet, and when quiet for a result
+        that needs a look (on stderr, for cron's mail), but not among JSON log lines."""
+        return not self.quiet or bool(code and not self.json_logs)
 
 
 def _apply(options: tuple[Callable[[F], F], ...], fn: F) -> F:
@@ -195,63 +244,85 @@ def _apply(options: tuple[Callable[[F], F], ...], fn: F) -> F:
     return fn
 
 
-def command(fn: Callable[..., int | None]) -> Callable[..., None]:
-    """Give a command the settings and output options, and one way to fail.
+def command(
+    *groups: tuple[str, ...],
+) -> Callable[[Callable[..., int | None]], Callable[..., None]]:
+    """Give a command the options of the settings groups it reads (logging always), the
+    output options, and one way to fail.
 
-    The wrapped function receives `settings` and `output` instead of the raw options and
-    returns its exit code.
+    A setting outside its groups is no option of the command: given, it is click's usage
+    error (exit 2) rather than accepted and ignored. Its environment variable is still
+    read, and harmless, since the command never looks at the value. The wrapped function
+    receives `settings` and `output` instead of the raw options and returns its exit code.
     """
+    wanted = {name for group in (*groups, LOGGING) for name in group}
+    names = tuple(name for name in SETTING_OPTIONS if name in wanted)  # help in one order
 
-    @functools.wraps(fn)
-    def wrapper(**kwargs: Any) -> None:
-        output = Output(
-            json=kwargs.pop("json_output"),
-            verbose=kwargs.pop("verbose"),
-            quiet=kwargs.pop("quiet"),
-        )
-        raw = {name: kwargs.pop(name) for name in _SETTING_NAMES}
-        try:
-            settings = resolve_settings(raw, os.environ)
-            setup_logging(
-                log_file=settings.log_file,
-                log_format=settings.log_format,
-                verbose=output.verbose,
-                quiet=output.quiet,
+    def decorate(fn: Callable[..., int | None]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> None:
+            output = Output(
+                json=kwargs.pop("json_output"),
+                verbose=kwargs.pop("verbose"),
+                quiet=kwargs.pop("quiet"),
             )
-            code = fn(settings=settings, output=output, **kwargs)
-        except BalsyncError as exc:
-            _fail(exc, output)
-        except KeyboardInterrupt:
-            click.echo(
-                "balsync: interrupted; committed batches are kept, rerun to finish", err=True
-            )
-            sys.exit(130)
-        except Exception as exc:  # the edge: anything unexpected becomes exit 5, logged whole
-            log.error("unexpected failure", exc_info=True)
-            _fail(
-                BalsyncError(
-                    f"unexpected failure: {type(exc).__name__}: {exc}",
-                    "the traceback is in the log (--log-file, or -v for stderr)",
-                ),
-                output,
-            )
-        sys.exit(code or 0)
+            raw = {name: kwargs.pop(name) for name in names}
+            json_logs = False
+            try:
+                settings = resolve_settings(raw, os.environ)
+                setup_logging(
+                    log_file=settings.log_file,
+                    log_format=settings.log_format,
+                    verbose=output.verbose,
+                    quiet=output.quiet,
+                )
+                json_logs = settings.log_format == "json"
+                output = dataclasses.replace(output, json_logs=json_logs)
+                if "table" in names:
+                    begin_run(str(settings.table))
+                code = fn(settings=settings, output=output, **kwargs)
+            except BalsyncError as exc:
+                _fail(exc, output, json_logs=json_logs)
+            except KeyboardInterrupt:
+                click.echo(
+                    "balsync: interrupted; committed batches are kept, rerun to finish", err=True
+                )
+                sys.exit(130)
+            except Exception as exc:  # the edge: anything unexpected is exit 5, logged whole
+                log.error("unexpected failure", exc_info=True)
+                _fail(
+                    BalsyncError(
+                        f"unexpected failure: {type(exc).__name__}: {exc}",
+                        "the traceback is in the log (--log-file, or -v for stderr)",
+                    ),
+                    output,
+                    json_logs=json_logs,
+                )
+            sys.exit(code or 0)
 
-    return _apply(OUTPUT_OPTIONS, _apply(SETTING_OPTIONS, wrapper))
+        options = tuple(SETTING_OPTIONS[name] for name in names)
+        return _apply(OUTPUT_OPTIONS, _apply(options, wrapper))
+
+    return decorate
 
 
-def _fail(exc: BalsyncError, output: Output) -> NoReturn:
+def _fail(exc: BalsyncError, output: Output, *, json_logs: bool) -> NoReturn:
     message = f"balsync: error: {exc.message}"
     if exc.hint:
         message += f" — {exc.hint}"
     message = mask_text(message)  # a library's text in it may quote a URL with its password
     if exc.__cause__ is not None and not isinstance(exc, ConfigError):
         log.debug("caused by", exc_info=exc.__cause__)
-    # The log file (cron's only witness) gets the failure too; stderr gets it once, below.
+    # The log file (cron's only witness) gets the failure too. stderr gets it once: as this
+    # record where it carries JSON lines (a reader parses every line), else as text below.
     log.error(
-        "%s (exit %d)", message.removeprefix("balsync: "), exc.exit_code, extra={FILE_ONLY: True}
+        "%s (exit %d)",
+        message.removeprefix("balsync: "),
+        exc.exit_code,
+        extra={FILE_ONLY: not json_logs, EXIT_CODE: exc.exit_code},
     )
-    click.echo(message, err=True)
+    if not json_logs:
+        click.echo(message, err=True)
     sys.exit(exc.exit_code)
 
 
@@ -291,7 +362,8 @@ def cli() -> None:
     """Persist user balances from Redis into PostgreSQL, one batched run at a time.
 
     Cron (or a systemd timer, or a Kubernetes CronJob) starts it; nothing stays resident.
-    Every setting is an option and an environment variable; the option wins.
+    Every setting is an option and an environment variable; the option wins. Each
+    command takes the settings it reads; its --help shows their variables and defaults.
 
     \b
     First time:      balsync init-db
@@ -306,7 +378,7 @@ def cli() -> None:
 
 
 @cli.command("init-db")
-@command
+@command(POSTGRES, COLUMNS)
 def init_db(*, settings: Settings, output: Output) -> int:
     """Create the target table (default one only) and balsync's own schema.
 
@@ -339,6 +411,8 @@ def init_db(*, settings: Settings, output: Output) -> int:
 @click.option("--force", is_flag=True, help="Run even if a sync finished within --min-interval.")
 @click.option(
     "--batch-size",
+    envvar="BALSYNC_BATCH_SIZE",
+    show_envvar=True,
     type=click.IntRange(min=1, max=1_000_000),
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
@@ -347,14 +421,19 @@ def init_db(*, settings: Settings, output: Output) -> int:
 )
 @click.option(
     "--wait",
+    envvar="BALSYNC_WAIT",
+    show_envvar=True,
     type=click.FloatRange(min=0),
     default=0,
+    show_default=True,
     metavar="SECONDS",
     help="Wait this long for a running sync to finish instead of skipping.",
 )
 @click.option("--allow-negative", is_flag=True, help="Accept negative balances.")
 @click.option(
     "--min-interval",
+    envvar="BALSYNC_MIN_INTERVAL",
+    show_envvar=True,
     type=click.FloatRange(min=0),
     default=DEFAULT_MIN_INTERVAL,
     show_default=True,
@@ -363,6 +442,8 @@ def init_db(*, settings: Settings, output: Output) -> int:
 )
 @click.option(
     "--on-conflict",
+    envvar="BALSYNC_ON_CONFLICT",
+    show_envvar=True,
     type=click.Choice(["skip", "redis", "db"]),
     default="skip",
     show_default=True,
@@ -386,7 +467,7 @@ def init_db(*, settings: Settings, output: Output) -> int:
     help="Redis restarted and you checked that it holds the right balances: Redis wins "
     "for the held rows, and this Redis is trusted from now on.",
 )
-@command
+@command(REDIS, POSTGRES, TARGET, KEYS, VALUES, RETENTION, MONITORING)
 def sync(
     *,
     settings: Settings,
@@ -432,50 +513,39 @@ def sync(
     SIGTERM (exit 143) or Ctrl-C (exit 130) stops the run after the batch in progress; it
     is recorded failed, and metrics and the fail ping go out.
     """
-    if ids is not None and on_conflict == "skip":
-        raise ConfigError(
-            "--ids without --on-conflict does nothing",
-            "--ids chooses the conflicts that --on-conflict redis|db resolves",
+    started = time.monotonic()
+    try:  # every failure, a usage one too, still leaves one JSON object on stdout
+        if ids is not None and on_conflict == "skip":
+            raise ConfigError(
+                "--ids without --on-conflict does nothing",
+                "--ids chooses the conflicts that --on-conflict redis|db resolves",
+            )
+        options = SyncOptions(
+            dry_run=dry_run,
+            force=force,
+            batch_size=batch_size,
+            wait=wait,
+            allow_negative=allow_negative,
+            min_interval=min_interval,
+            on_conflict=on_conflict,
+            accept_redis_restart=accept_redis_restart,
+            incremental=incremental,
+            resolve_ids=None if ids is None else frozenset(parse_ids(ids)),
         )
-    options = SyncOptions(
-        dry_run=dry_run,
-        force=force,
-        batch_size=batch_size,
-        wait=wait,
-        allow_negative=allow_negative,
-        min_interval=min_interval,
-        on_conflict=on_conflict,
-        accept_redis_restart=accept_redis_restart,
-        incremental=incremental,
-        resolve_ids=None if ids is None else frozenset(parse_ids(ids)),
-    )
-    progress = render.SyncProgress(enabled=not (output.json or output.quiet))
-    if progress.enabled:  # a person watches: worth two quick reads for a total and time left
-        progress.total = expected_keys(settings, options)
-    try:
+        progress = render.SyncProgress(enabled=not (output.json or output.quiet))
+        if progress.enabled:  # a person watches: worth two quick reads for a total and time left
+            progress.total = expected_keys(settings, options)
         with stop_on_signals(options.stop), progress.show():
             result = run_reported(settings, options, on_batch=progress.update)
-    except Exception:  # every failure still leaves SPEC's one JSON object on stdout
+    except Exception as exc:
         if output.json:
-            render.print_json(
-                {
-                    "status": "failed",
-                    "dry_run": dry_run,
-                    "processed": 0,
-                    "inserted": 0,
-                    "updated": 0,
-                    "unchanged": 0,
-                    "skipped": 0,
-                    "invalid": 0,
-                    "duration_s": 0.0,
-                    "run_id": None,
-                }
-            )
+            failed = failed_result(dry_run=dry_run, duration_s=time.monotonic() - started)
+            render.print_json(failed_json(failed, SyncFailure.of(exc)))
         raise
     code = 1 if result.status == "partial" else 0
     if output.json:
         render.print_json(result.to_json())
-    elif not output.quiet or code:
+    elif output.shows_result(code):
         console = render.stdout_console() if not output.quiet else render.stderr_console()
         console.print(render.sync_table(result, str(settings.table)))
         if code:
@@ -499,7 +569,7 @@ def sync(
     metavar="N",
     help="List at most N conflicts.",
 )
-@command
+@command(POSTGRES, KEYS)
 def conflicts(*, settings: Settings, output: Output, run_id: int | None, limit: int) -> int:
     """List rows a sync did not simply overwrite, and why.
 
@@ -544,7 +614,7 @@ def conflicts(*, settings: Settings, output: Output, run_id: int | None, limit: 
     is_flag=True,
     help="Count negative balances as valid, as `sync --allow-negative` does.",
 )
-@command
+@command(REDIS, POSTGRES, TARGET, KEYS, VALUES)
 def verify(*, settings: Settings, output: Output, limit: int, allow_negative: bool) -> int:
     """Compare every balance key in Redis with PostgreSQL; exit 1 on any drift.
 
@@ -587,7 +657,7 @@ def verify(*, settings: Settings, output: Output, limit: int, allow_negative: bo
     code = 0 if result.status == "in_sync" else 1
     if output.json:
         render.print_json(result.to_json())
-    elif not output.quiet or code:
+    elif output.shows_result(code):
         console = render.stdout_console() if not output.quiet else render.stderr_console()
         for table in render.verify_tables(result, str(settings.table)):
             console.print(table)
@@ -620,7 +690,7 @@ def stdin_is_terminal() -> bool:
     metavar="N",
     help="Delete only keys nobody has read or written for N days (OBJECT IDLETIME).",
 )
-@command
+@command(REDIS, POSTGRES, TARGET, KEYS, VALUES)
 def clear_cache_command(
     *, settings: Settings, output: Output, dry_run: bool, yes: bool, idle_days: int | None
 ) -> int:
@@ -692,7 +762,7 @@ def _confirmed(settings: Settings) -> bool:
     is_flag=True,
     help="Accepted for symmetry with clear-cache; restore never asks (it only adds keys).",
 )
-@command
+@command(REDIS, POSTGRES, TARGET, KEYS, VALUES)
 def restore(
     *, settings: Settings, output: Output, dry_run: bool, ids: str | None, yes: bool
 ) -> int:
@@ -721,7 +791,7 @@ def restore(
     code = 1 if result.status == "partial" else 0
     if output.json:
         render.print_json(result.to_json())
-    elif not output.quiet or code:
+    elif output.shows_result(code):
         console = render.stdout_console() if not output.quiet else render.stderr_console()
         console.print(render.restore_table(result, str(settings.table)))
         if code:
@@ -745,7 +815,7 @@ def restore(
     metavar="N",
     help="List at most N records.",
 )
-@command
+@command(POSTGRES)
 def skipped(*, settings: Settings, output: Output, run_id: int | None, limit: int) -> int:
     """List the records a sync run skipped: key, raw value and reason.
 
@@ -796,7 +866,7 @@ class Duration(click.ParamType[float]):
     "and --keep-skipped say.",
 )
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
-@command
+@command(POSTGRES, RETENTION)
 def prune(*, settings: Settings, output: Output, older_than: float | None, dry_run: bool) -> int:
     """Delete balsync's own records older than the retention policy, now.
 
@@ -834,6 +904,8 @@ def prune(*, settings: Settings, output: Output, older_than: float | None, dry_r
 @cli.command("health")
 @click.option(
     "--max-age",
+    envvar="BALSYNC_MAX_AGE",
+    show_envvar=True,
     type=click.FloatRange(min=0),
     default=DEFAULT_MAX_AGE,
     show_default=True,
@@ -841,7 +913,7 @@ def prune(*, settings: Settings, output: Output, older_than: float | None, dry_r
     help="Degraded when the last successful sync finished longer ago than this "
     "(two hourly runs missed).",
 )
-@command
+@command(REDIS, POSTGRES, TARGET, KEYS, VALUES, RETENTION)
 def health(*, settings: Settings, output: Output, max_age: float) -> int:
     """Check both stores, the schema, the last sync, and the risks to money in Redis.
 
@@ -868,7 +940,7 @@ def health(*, settings: Settings, output: Output, max_age: float) -> int:
     code = report.exit_code
     if output.json:
         render.print_json(report.to_json())
-    elif not output.quiet or code:
+    elif output.shows_result(code):
         console = render.stdout_console() if not output.quiet else render.stderr_console()
         console.print(render.health_table(report))
     return code
@@ -883,7 +955,7 @@ def health(*, settings: Settings, output: Output, max_age: float) -> int:
     metavar="N",
     help="How many recent runs to list and chart.",
 )
-@command
+@command(REDIS, POSTGRES, TARGET, KEYS, RETENTION)
 def stats(*, settings: Settings, output: Output, runs: int) -> int:
     """Show the last run, the last N runs, the last 24 h, and what each store holds now.
 
@@ -910,7 +982,7 @@ def stats(*, settings: Settings, output: Output, runs: int) -> int:
 
 
 @cli.command("status")
-@command
+@command(REDIS, POSTGRES, KEYS)
 def status(*, settings: Settings, output: Output) -> int:
     """Say whether a sync is running, how the last one ended, and when the next ones start.
 
@@ -939,7 +1011,7 @@ def status(*, settings: Settings, output: Output) -> int:
 @cli.command("schedule")
 @click.option("--install", is_flag=True, help="Add the lines to this user's crontab.")
 @click.option("--uninstall", is_flag=True, help="Remove them from this user's crontab.")
-@command
+@command()
 def schedule(*, settings: Settings, output: Output, install: bool, uninstall: bool) -> int:
     """Print balsync's crontab lines, or install or remove them in this user's crontab.
 

@@ -11,14 +11,47 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from balance_sync.errors import BalsyncError, PostgresUnavailable, RedisUnavailable
+from balance_sync.logs import RUN_CONTEXT
 from balance_sync.metrics import RunMetrics, write_metrics
 from balance_sync.ping import send
 from balance_sync.settings import Settings, mask_text
 from balance_sync.sync import BatchReport, SyncOptions, SyncResult, run_sync
 
 UNEXPECTED_EXIT = 5
+
+
+@dataclass(frozen=True)
+class SyncFailure:
+    """Why a sync failed, as a machine reads it: the exit code and one masked line."""
+
+    exit_code: int
+    error: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> SyncFailure:
+        """The failure an exception ends the run with (5 for one balsync did not expect)."""
+        if isinstance(exc, BalsyncError):
+            code, text = exc.exit_code, str(exc)
+        else:
+            code, text = UNEXPECTED_EXIT, f"{type(exc).__name__}: {exc}"
+        # It goes to monitors and third parties: a library's text may quote a URL with its
+        # password, or span lines that would break a line-oriented reader.
+        return cls(code, " ".join(mask_text(text).split()))
+
+
+def failed_result(*, dry_run: bool, duration_s: float) -> SyncResult:
+    """The result of a run that raised; its run id when it got as far as being recorded."""
+    return SyncResult(
+        status="failed", dry_run=dry_run, duration_s=duration_s, run_id=RUN_CONTEXT.run_id
+    )
+
+
+def failed_json(result: SyncResult, failure: SyncFailure) -> dict[str, object]:
+    """SPEC's sync object for a failed run, with its `exit_code` and `error`."""
+    return {**result.to_json(), "exit_code": failure.exit_code, "error": failure.error}
 
 
 def run_reported(
@@ -42,20 +75,20 @@ def run_reported(
     try:
         result = run_sync(settings, options, on_batch)
     except Exception as exc:
-        failed = SyncResult(status="failed", dry_run=False, duration_s=time.monotonic() - started)
-        # The body goes to a third party: a library's text may quote a URL with its password.
-        if isinstance(exc, BalsyncError):
-            _report(settings, ping_id, failed, exc.exit_code, mask_text(str(exc)))
-        else:
-            error = mask_text(f"{type(exc).__name__}: {exc}")
-            _report(settings, ping_id, failed, UNEXPECTED_EXIT, error)
+        failed = failed_result(dry_run=False, duration_s=time.monotonic() - started)
+        failure = SyncFailure.of(exc)
+        _report(settings, ping_id, failed, failure.exit_code, failure)
         raise
     _report(settings, ping_id, result, 1 if result.status == "partial" else 0)
     return result
 
 
 def _report(
-    settings: Settings, ping_id: str, result: SyncResult, exit_code: int, error: str = ""
+    settings: Settings,
+    ping_id: str,
+    result: SyncResult,
+    exit_code: int,
+    failure: SyncFailure | None = None,
 ) -> None:
     if settings.metrics_file is not None:
         run = RunMetrics(
@@ -72,11 +105,9 @@ def _report(
         write_metrics(settings.metrics_file, run)
     if settings.ping_url is not None:
         summary: dict[str, object] = {
-            **result.to_json(),
+            **(result.to_json() if failure is None else failed_json(result, failure)),
             "table": str(settings.table),
             "exit_code": exit_code,
         }
-        if error:
-            summary["error"] = error
         body = json.dumps(summary).encode()
         send(settings.ping_url, exit_code, body, run_id=ping_id)

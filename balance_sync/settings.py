@@ -47,6 +47,35 @@ CLUSTER_SUFFIX = "+cluster"
 SENTINEL_SUFFIX = "+sentinel"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
+# Where each setting is read from when its option is not given, first found wins; the CLI's
+# help shows these names, so what it documents is what `resolve_settings` reads.
+SETTING_ENV: dict[str, tuple[str, ...]] = {
+    "redis_url": (
+        "BALSYNC_REDIS_URL",
+        "BALSYNC_REDIS_URL_FILE",
+        "REDIS_URL",
+        "REDIS_HOST",
+        "REDIS_PORT",
+        "REDIS_PASSWORD",
+        "REDIS_DB",
+    ),
+    "cluster": ("BALSYNC_REDIS_CLUSTER",),
+    "database_url": ("BALSYNC_DATABASE_URL", "BALSYNC_DATABASE_URL_FILE", "DATABASE_URL"),
+    "key_prefix": ("BALSYNC_KEY_PREFIX",),
+    "table": ("BALSYNC_TABLE",),
+    "id_column": ("BALSYNC_ID_COLUMN",),
+    "balance_column": ("BALSYNC_BALANCE_COLUMN",),
+    "value_format": ("BALSYNC_VALUE_FORMAT",),
+    "column_unit": ("BALSYNC_COLUMN_UNIT",),
+    "retry_timeout": ("BALSYNC_RETRY_TIMEOUT",),
+    "log_file": ("BALSYNC_LOG_FILE",),
+    "log_format": ("BALSYNC_LOG_FORMAT",),
+    "metrics_file": ("BALSYNC_METRICS_FILE",),
+    "ping_url": ("BALSYNC_PING_URL",),
+    "keep_runs": ("BALSYNC_KEEP_RUNS",),
+    "keep_skipped": ("BALSYNC_KEEP_SKIPPED",),
+}
+
 
 @dataclass(frozen=True)
 class TableName:
@@ -386,7 +415,7 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
         value = options.get(option)
         if value is not None:
             return str(value)
-        return _first(environ, *env)
+        return _first(environ, *(env or SETTING_ENV[option]))
 
     redis_url = (
         pick("redis_url", "BALSYNC_REDIS_URL")
@@ -401,7 +430,7 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
         or _first(environ, "DATABASE_URL")
         or ""
     )
-    key_prefix = pick("key_prefix", "BALSYNC_KEY_PREFIX")
+    key_prefix = pick("key_prefix")
     if key_prefix is None:
         key_prefix = DEFAULT_KEY_PREFIX
     if not key_prefix or any(c in key_prefix for c in "*?[]\\"):
@@ -409,11 +438,8 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
             f"invalid key prefix {key_prefix!r}", "it must be non-empty, without * ? [ ] or \\"
         )
     columns = {}
-    for option, env, default in (
-        ("id_column", "BALSYNC_ID_COLUMN", "telegram_id"),
-        ("balance_column", "BALSYNC_BALANCE_COLUMN", "balance"),
-    ):
-        column = pick(option, env)
+    for option, default in (("id_column", "telegram_id"), ("balance_column", "balance")):
+        column = pick(option)
         column = default if column is None else column
         if not _IDENTIFIER.fullmatch(column):
             raise ConfigError(f"invalid column name {column!r}", "letters, digits and _ only")
@@ -421,48 +447,46 @@ def resolve_settings(options: Mapping[str, object | None], environ: Mapping[str,
     if columns["id_column"] == columns["balance_column"]:
         raise ConfigError("the id column and the balance column must differ")
 
-    log_file = pick("log_file", "BALSYNC_LOG_FILE")
-    metrics_file = pick("metrics_file", "BALSYNC_METRICS_FILE")
-    ping_url = pick("ping_url", "BALSYNC_PING_URL")
+    log_file = pick("log_file")
+    metrics_file = pick("metrics_file")
+    ping_url = pick("ping_url")
     if ping_url and urlsplit(ping_url).scheme not in ("http", "https"):
         # The URL itself is not printed: its path is often the check's secret token.
         raise ConfigError("invalid ping URL: it must start with http:// or https://")
-    keep_runs = _retention(
-        pick("keep_runs", "BALSYNC_KEEP_RUNS"), "--keep-runs/BALSYNC_KEEP_RUNS", DEFAULT_KEEP_RUNS
-    )
+    keep_runs = _retention(pick("keep_runs"), "--keep-runs/BALSYNC_KEEP_RUNS", DEFAULT_KEEP_RUNS)
     keep_skipped = _retention(
-        pick("keep_skipped", "BALSYNC_KEEP_SKIPPED"),
+        pick("keep_skipped"),
         "--keep-skipped/BALSYNC_KEEP_SKIPPED",
         DEFAULT_KEEP_SKIPPED,
     )
     _check_retention(keep_runs, keep_skipped)
     redis_url, cluster = cluster_url(
         check_redis_url(redis_url),
-        _flag(pick("cluster", "BALSYNC_REDIS_CLUSTER"), "BALSYNC_REDIS_CLUSTER"),
+        _flag(pick("cluster"), "BALSYNC_REDIS_CLUSTER"),
     )
     return Settings(
         redis_url=redis_url,
         cluster=cluster,
         database_url=check_database_url(database_url),
         key_prefix=key_prefix,
-        table=TableName.parse(_or_default(pick("table", "BALSYNC_TABLE"), DEFAULT_TABLE)),
+        table=TableName.parse(_or_default(pick("table"), DEFAULT_TABLE)),
         id_column=columns["id_column"],
         balance_column=columns["balance_column"],
         log_file=Path(log_file) if log_file else None,
         log_format=_choice(  # type: ignore[arg-type]
-            pick("log_format", "BALSYNC_LOG_FORMAT") or "text", "log format", ("text", "json")
+            pick("log_format") or "text", "log format", ("text", "json")
         ),
         retry_timeout=_number(
-            pick("retry_timeout", "BALSYNC_RETRY_TIMEOUT") or DEFAULT_RETRY_TIMEOUT,
+            pick("retry_timeout") or DEFAULT_RETRY_TIMEOUT,
             "retry timeout",
             minimum=0,
         ),
         value_format=_choice(  # type: ignore[arg-type]
-            pick("value_format", "BALSYNC_VALUE_FORMAT") or "decimal",
+            pick("value_format") or "decimal",
             "value format",
             ("decimal", "cents"),
         ),
-        column_unit=_column_unit(pick("column_unit", "BALSYNC_COLUMN_UNIT")),
+        column_unit=_column_unit(pick("column_unit")),
         metrics_file=Path(metrics_file) if metrics_file else None,
         ping_url=ping_url or None,
         keep_runs=keep_runs,

@@ -18,6 +18,7 @@ from operator import itemgetter
 from typing import Literal
 
 from balance_sync.errors import BalsyncError, PostgresUnavailable
+from balance_sync.logs import begin_run, bind_run_id
 from balance_sync.pg_store import (
     BalanceType,
     BatchCounts,
@@ -106,10 +107,12 @@ class SyncResult:
         }
 
     def to_json(self) -> dict[str, object]:
-        """SPEC's sync object, nothing more."""
+        """SPEC's sync object; a skipped run adds its `reason`, since a monitor must tell a
+        lock held by a long run from a recent sync."""
         data = asdict(self)
+        if self.status != "skipped":
+            del data["reason"]
         for extra in (
-            "reason",
             "conflicts",
             "held",
             "kept_changes",
@@ -164,6 +167,7 @@ def run_sync(
     safe), or another BalsyncError; every batch committed before a failure holds exact
     values.
     """
+    begin_run(str(settings.table))  # nothing of an earlier run in this process carries over
     started = time.monotonic()
     redis = RedisStore(settings.redis_url, settings.retry_timeout)
     control = Database(settings.database_url, settings.retry_timeout)
@@ -186,6 +190,7 @@ def run_sync(
                 log.info("sync skipped: %s", result.reason)
                 return _finish(result, started)
             result.run_id = control.start_run(settings)
+            bind_run_id(result.run_id)  # every log line from here on names its run
         try:
             guard = RestartGuard.open(
                 redis,

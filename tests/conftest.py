@@ -43,7 +43,14 @@ SYNC_JSON_KEYS = {
     "duration_s",
     "run_id",
 }
+# What a sync object adds to SPEC's keys, by status: why it was skipped, how it failed.
+SYNC_JSON_EXTRA = {"skipped": {"reason"}, "failed": {"error", "exit_code"}}
 _counter = itertools.count()
+
+
+def sync_json_keys(status: object) -> set[str]:
+    """The keys of a `sync --json` object of this status."""
+    return SYNC_JSON_KEYS | SYNC_JSON_EXTRA.get(str(status), set())
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from balance_sync.cli import cli
 from balance_sync.logs import LOGGER
 from balance_sync.pg_store import Database
 from balance_sync.settings import TableName
-from tests.conftest import SYNC_JSON_KEYS, Balsync, balances
+from tests.conftest import Balsync, balances, sync_json_keys
 from tests.devservers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,12 +84,13 @@ def _error_line(result: Result) -> str:
 
 
 def _sync_json(result: Result) -> dict[str, object]:
-    """stdout holds exactly one JSON object with exactly SPEC's sync keys."""
+    """stdout holds exactly one JSON object with exactly SPEC's sync keys, and those its
+    status adds (a skipped run's reason, a failed run's error and exit code)."""
     assert result.stdout.endswith("\n")
     assert result.stdout.count("\n") == 1, result.stdout
     data = json.loads(result.stdout)
     assert isinstance(data, dict)
-    assert set(data) == SYNC_JSON_KEYS
+    assert set(data) == sync_json_keys(data.get("status"))
     counters = ("processed", "inserted", "updated", "unchanged", "skipped", "invalid")
     assert all(isinstance(data[name], int) for name in counters)
     assert data["processed"] == (
@@ -368,6 +369,7 @@ def test_json_skipped_after_a_recent_sync(
     assert result.exit_code == 0, result.stderr
     data = _sync_json(result)
     assert (data["status"], data["run_id"]) == ("skipped", None)
+    assert "finished" in str(data["reason"]), data["reason"]
 
 
 def test_json_skipped_when_another_run_holds_the_lock(
@@ -384,6 +386,7 @@ def test_json_skipped_when_another_run_holds_the_lock(
     assert result.exit_code == 0, result.stderr
     data = _sync_json(result)
     assert (data["status"], data["processed"]) == ("skipped", 0)
+    assert "lock" in str(data["reason"]), data["reason"]
     assert balances(pg) == {}
 
 
@@ -401,7 +404,34 @@ def test_json_failed_before_init_db(balsync: Balsync) -> None:
     """`sync --json` before init-db: exit 5, status failed in SPEC's shape."""
     result = balsync("sync", "--json")
     assert result.exit_code == 5
-    assert _sync_json(result)["status"] == "failed"
+    data = _sync_json(result)
+    assert (data["status"], data["exit_code"]) == ("failed", 5)
+    assert "init-db" in str(data["error"])
+
+
+def test_json_failure_carries_its_error_and_exit_code_masked(initialized: Balsync) -> None:
+    """Redis unreachable: exit 3; the object says `exit_code` 3 and the error in one line,
+    the password masked."""
+    url = f"redis://:{SECRET}@127.0.0.1:{free_port()}/0"
+    result = initialized("sync", "--json", "--redis-url", url, "--retry-timeout", "1")
+    assert result.exit_code == 3
+    data = _sync_json(result)
+    assert (data["status"], data["exit_code"], data["run_id"]) == ("failed", 3, None)
+    error = data["error"]
+    assert isinstance(error, str)
+    assert "Redis" in error
+    assert "\n" not in error
+    assert error.strip() == error
+    assert SECRET not in _everything(result)
+
+
+def test_json_usage_failure_still_prints_the_object(initialized: Balsync) -> None:
+    """`sync --json --ids 1` without --on-conflict: exit 2, and still one object saying so."""
+    result = initialized("sync", "--json", "--ids", "1")
+    assert result.exit_code == 2
+    data = _sync_json(result)
+    assert (data["status"], data["exit_code"]) == ("failed", 2)
+    assert "--ids" in str(data["error"])
 
 
 # -- --quiet and --verbose -------------------------------------------------------------------
@@ -511,6 +541,69 @@ def test_log_format_json_writes_json_lines(
     messages = [str(r["message"]) for r in records]
     assert any(m.startswith("sync partial") for m in messages), messages
     assert any(f"{key_prefix}2" in m for m in messages), messages
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    """Every line of `text` is one JSON object."""
+    records = [json.loads(line) for line in text.splitlines()]
+    assert all(isinstance(r, dict) for r in records)
+    return records
+
+
+def test_log_format_json_writes_json_lines_on_stderr_with_run_id_and_table(
+    initialized: Balsync, rds: redis.Redis, key_prefix: str
+) -> None:
+    """With --log-format json and no log file (a container), stderr holds only JSON lines,
+    each naming the table, and those of the recorded run its run id."""
+    rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "oops"})
+    result = initialized("sync", "--json", "-v", "--log-format", "json")
+    assert result.exit_code == 1
+    run_id = _sync_json(result)["run_id"]
+    assert isinstance(run_id, int)
+    records = _json_lines(result.stderr)
+    assert records
+    assert all(r["table"] == "user_balances" for r in records), records
+    skipped = [r for r in records if f"{key_prefix}2" in str(r["message"])]
+    assert skipped
+    assert all(r["run_id"] == run_id for r in skipped)
+    assert any(str(r["message"]).startswith("sync partial") for r in records)
+
+
+def test_log_format_json_failure_is_a_json_line_on_stderr(initialized: Balsync) -> None:
+    """A failure with --log-format json: stderr holds JSON lines only, the failure one of
+    them at level error with its exit code, the password masked; no text line."""
+    url = f"redis://:{SECRET}@127.0.0.1:{free_port()}/0"
+    result = initialized("sync", "--redis-url", url, "--retry-timeout", "1", "--log-format", "json")
+    assert result.exit_code == 3
+    records = _json_lines(result.stderr)
+    errors = [r for r in records if r["level"] == "error"]
+    assert [r.get("exit_code") for r in errors] == [3]
+    assert str(errors[0]["message"]).startswith("error: ")
+    assert errors[0]["table"] == "user_balances"
+    assert SECRET not in _everything(result)
+
+
+def test_quiet_partial_with_json_logs_prints_no_table_among_the_json_lines(
+    initialized: Balsync, rds: redis.Redis, key_prefix: str
+) -> None:
+    """`sync --quiet --log-format json` with a skipped record: exit 1, and stderr holds JSON
+    lines only (the table cron mails in text mode would break a log reader)."""
+    rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "oops"})
+    result = initialized("sync", "--quiet", "--log-format", "json")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    _json_lines(result.stderr)
+
+
+def test_a_setting_that_cannot_resolve_is_one_text_line_even_with_json_logs(
+    initialized: Balsync,
+) -> None:
+    """A bad setting fails before the log format is known: one `balsync: error:` line."""
+    result = initialized(
+        "status", "--json", env={"BALSYNC_LOG_FORMAT": "json", "BALSYNC_REDIS_URL": "x://"}
+    )
+    assert result.exit_code == 2
+    _assert_one_error_line(result, "invalid Redis URL")
 
 
 def test_log_file_from_environment(

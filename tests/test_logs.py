@@ -76,6 +76,31 @@ def test_json_lines_parse_with_ts_level_and_message(initialized, rds, key_prefix
     assert any(m.startswith("sync partial") for m in messages)
 
 
+def test_json_lines_in_the_file_carry_the_table_and_once_recorded_the_run_id(
+    initialized, rds, key_prefix, tmp_path
+):
+    """Each file line names the table; from the run's record on, its run id (one run)."""
+    rds.mset({f"{key_prefix}1": "1.00", f"{key_prefix}2": "oops"})
+    log = tmp_path / "balsync.log"
+    result = initialized("sync", "--json", "--log-file", str(log), "--log-format", "json")
+    run_id = json.loads(result.stdout)["run_id"]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {r["table"] for r in records} == {"user_balances"}
+    assert {r["run_id"] for r in records} <= {None, run_id}
+    assert records[-1]["run_id"] == run_id
+
+
+def test_a_new_command_starts_with_no_run_id(initialized, rds, key_prefix, tmp_path):
+    """The run id of one command never leaks into the next one's lines (tests run many)."""
+    rds.set(f"{key_prefix}1", "1.00")
+    initialized.ok("sync", "--quiet", "--log-format", "json")
+    log = tmp_path / "verify.log"
+    initialized.ok("verify", "--quiet", "--log-file", str(log), "--log-format", "json")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records
+    assert all(r["run_id"] is None for r in records)
+
+
 def test_unexpected_failure_puts_the_traceback_in_the_log_only(initialized, tmp_path, monkeypatch):
     """Exit 5: one line on stderr, the traceback in the log file."""
 
