@@ -56,6 +56,9 @@ RAW_VALUE_LIMIT = 200
 # server becomes exit 4 instead of a hung cron job.
 MIN_ATTEMPT_DEADLINE = 30.0
 LOCK_POLL_S = 0.5  # between tries to take a table's lock while --wait lasts
+PROBE_ROUNDS = 32  # a second connection's tries to reach the lock's session: a pool's length
+START_CHECKS = 5  # transactions that must find the lock's own session before a run writes
+SHARED_UNLOCK_TRIES = 20  # transactions that look for the lock's session in a pool to free it
 UNKNOWN_ID = "unknown id: no such row, and the table takes no inserts"
 # How a row of balsync.written is replaced: its last written value, whoever wrote it first.
 _REMEMBER: LiteralString = (
@@ -382,6 +385,9 @@ class Database:
         self.deadline = max(MIN_ATTEMPT_DEADLINE, retry_timeout)
         self._conn: Connection | None = None
         self._keys: dict[TableName, str] = {}
+        # Connections opened so far: a server session that changes while this count does
+        # not was changed by a pooler, not by a reconnect.
+        self.connects = 0
 
     # -- connection -------------------------------------------------------------------
 
@@ -391,6 +397,7 @@ class Database:
             if self._conn is not None:
                 self._conn.close()
             self._conn = psycopg.connect(self.url, autocommit=True, **CONNECT_OPTIONS)
+            self.connects += 1
         return self._conn
 
     def close(self) -> None:
@@ -587,10 +594,11 @@ class Database:
         """Mark the connection's server session as `owner`'s and prove that it stays this
         connection's alone between transactions, as a session lock needs; else ConfigError.
 
-        A direct connection and session pooling pass. Transaction pooling fails: while a
-        second connection holds a transaction open, either that one reaches the marked
-        session (the pool handed it on: PgBouncer reuses the server it used last), or this
-        connection's next transaction reaches another one.
+        A direct connection and session pooling pass. Transaction pooling fails: the marked
+        session goes back to the pool after each transaction, so a second connection's
+        transactions reach it (at once where the pool reuses the server used last, within a
+        pool's length where it takes them in turn), or this connection's next transaction,
+        asked while the second one holds a session, reaches another one.
         """
 
         def mark(conn: Connection) -> int:
@@ -612,7 +620,7 @@ class Database:
                 return self.call(_session) == (pid, owner)
 
         try:
-            own = probe.call(look)
+            own = all(probe.call(look) for _ in range(PROBE_ROUNDS))
         finally:
             probe.close()
         if not own:
@@ -670,19 +678,23 @@ class Database:
             pause(min(LOCK_POLL_S, left))
         return pid
 
-    def unlock(self, table: TableName, owner: str = "") -> None:
+    def unlock(self, table: TableName, owner: str = "") -> bool:
         """Release the table's advisory lock (closing the connection would too), where the
-        connection's server session is `owner`'s: a pooled session may be someone else's."""
+        connection's server session is `owner`'s: a pooled session may be someone else's.
+        False when this transaction reached another session (or none)."""
         conn = self._conn
-        if conn is not None and not conn.closed and not conn.broken:
-            # Trivial statements; the lock dies with the session anyway.
-            with _watchdog(conn, 5.0), conn.transaction():
-                if _session(conn)[1] == owner:
-                    conn.execute(
-                        """SELECT pg_advisory_unlock(%s, to_regclass(%s)::oid::int4),
-                                  set_config(%s, '', false)""",
-                        (LOCK_CLASS, _ident(table).as_string(conn), _OWNER),
-                    )
+        if conn is None or conn.closed or conn.broken:
+            return False
+        # Trivial statements; the lock dies with the session anyway.
+        with _watchdog(conn, 5.0), conn.transaction():
+            if _session(conn)[1] != owner:
+                return False
+            conn.execute(
+                """SELECT pg_advisory_unlock(%s, to_regclass(%s)::oid::int4),
+                          set_config(%s, '', false)""",
+                (LOCK_CLASS, _ident(table).as_string(conn), _OWNER),
+            )
+        return True
 
     # -- run records --------------------------------------------------------------------
 
@@ -1298,24 +1310,44 @@ class RunLock:
         self.db = db
         self.table = table
         self._pid: int | None = None
+        self._connects = 0  # the connections db had opened when the lock was (re)taken
         self._token = uuid.uuid4().hex  # marks the server session that holds the lock
+        self._shared = False  # a pooler was seen handing this connection another session
         self._mutex = threading.Lock()  # writer threads share the lock's connection
 
     def acquire(self, wait: float, pause: Callable[[float], None] = time.sleep) -> bool:
         """Take the lock, waiting up to `wait` seconds (`pause` between tries); False if
-        another run holds it. ConfigError, before anything is locked, where the server
-        session cannot stay this run's own (transaction pooling)."""
-        self.db.prove_own_session(self.table, self._token)
-        self._pid = self.db.take_lock(self.table, wait, pause, self._token)
-        return self._pid is not None
+        another run holds it. ConfigError, before the caller writes anything, where the
+        server session does not stay this run's own (transaction pooling)."""
+        try:
+            self.db.prove_own_session(self.table, self._token)
+            self._pid = self.db.take_lock(self.table, wait, pause, self._token)
+            self._connects = self.db.connects
+            if self._pid is None:
+                return False
+            # Each check is one more transaction that a transaction pool may hand to another
+            # server session; among busy clients one of them does, long before a first write.
+            for _ in range(START_CHECKS):
+                self.holder_pid()
+        except ConfigError:
+            self._shared = True
+            raise
+        return True
 
     def holder_pid(self) -> int:
-        """The server process that holds the lock for this run, re-taking it if needed."""
+        """The server process that holds the lock for this run, re-taking it if needed.
+
+        ConfigError when the server session changed under the same client connection: a
+        pooler in transaction mode, where the lock cannot be held.
+        """
         with self._mutex:
             pid, held_for = self.db.call(_session)
             if (pid, held_for) != (self._pid, self._token):
-                # Another server session (a reconnect): the lock went with the old one.
+                if self.db.connects == self._connects:
+                    raise _shared_sessions(self.table)
+                # A reconnect: the lock went with the old session.
                 self._pid = self.db.take_lock(self.table, 0, owner=self._token)
+                self._connects = self.db.connects
                 if self._pid is None:
                     raise LockLost(
                         f"this run lost the advisory lock on {self.table} and another run took it",
@@ -1326,9 +1358,13 @@ class RunLock:
 
     def release(self) -> None:
         """Let the next run in."""
-        # If the connection is gone, the lock went with it.
+        # If the connection is gone, the lock went with it. Through a transaction pool the
+        # session holding it is one of several: a few more tries reach it most likely, and a
+        # lock left behind keeps out runs, it never lets two in.
         with contextlib.suppress(psycopg.Error):
-            self.db.unlock(self.table, self._token)
+            for _ in range(SHARED_UNLOCK_TRIES if self._shared else 1):
+                if self.db.unlock(self.table, self._token):
+                    break
 
 
 @contextlib.contextmanager
@@ -1374,7 +1410,9 @@ def _relation_exists(conn: Connection, table: TableName) -> bool:
 
 def _session(conn: Connection) -> tuple[int, str]:
     """The server pid of this transaction and the lock owner its server session carries."""
-    row = conn.execute(_SESSION).fetchone()
+    # Never prepared: a prepared statement lives in one server session, and this question
+    # must reach whichever session a pooler hands over.
+    row = conn.execute(_SESSION, prepare=False).fetchone()
     assert row is not None
     return int(row[0]), str(row[1] or "")
 

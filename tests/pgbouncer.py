@@ -27,11 +27,14 @@ RUN_AS = "nobody"
 class PgBouncer:
     """One pgbouncer process pooling the database of `database_url` in `pool_mode`."""
 
-    def __init__(self, database_url: str, pool_mode: str, pool_size: int = 4) -> None:
+    def __init__(
+        self, database_url: str, pool_mode: str, pool_size: int = 4, round_robin: bool = False
+    ) -> None:
         self.binary = require_tool("pgbouncer", "pgbouncer")
         self.target = psycopg.conninfo.conninfo_to_dict(database_url)
         self.pool_mode = pool_mode
         self.pool_size = pool_size
+        self.round_robin = round_robin
         self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="balsync-pgbouncer-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -63,6 +66,7 @@ auth_type = trust
 auth_file = {self.folder / "users.txt"}
 pool_mode = {self.pool_mode}
 default_pool_size = {self.pool_size}
+server_round_robin = {int(self.round_robin)}
 max_client_conn = 100
 ignore_startup_parameters = extra_float_digits
 logfile = {self.folder / "pgbouncer.log"}

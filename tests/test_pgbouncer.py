@@ -31,10 +31,13 @@ def session_pooled(database_url: str) -> Iterator[PgBouncer]:
     bouncer.stop()
 
 
-@pytest.fixture
-def transaction_pooled(database_url: str) -> Iterator[PgBouncer]:
-    """PgBouncer in transaction mode, several server connections per pool."""
-    bouncer = PgBouncer(database_url, "transaction", pool_size=4).start()
+@pytest.fixture(params=["lifo", "round-robin"])
+def transaction_pooled(database_url: str, request: pytest.FixtureRequest) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode, several server connections per pool, handed out
+    last-used first (the default) or in turn (server_round_robin)."""
+    bouncer = PgBouncer(
+        database_url, "transaction", pool_size=4, round_robin=request.param == "round-robin"
+    ).start()
     yield bouncer
     bouncer.stop()
 
@@ -88,7 +91,8 @@ def test_status_names_the_pooled_lock_holder_by_its_server_pid(
         lock.release()
         holder.close()
     row = pg.execute(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted",
+        """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
         (LOCK_CLASS,),
     ).fetchone()
     assert row is None  # released
@@ -118,7 +122,8 @@ def _nothing_written(pg: Conn) -> None:
     assert balances(pg) == {}
     assert pg.execute("SELECT count(*) FROM balsync.sync_runs").fetchone() == (0,)
     assert pg.execute(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
+        """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
         (LOCK_CLASS,),
     ).fetchone() == (0,)
 
@@ -132,7 +137,13 @@ def _refused(balsync: Balsync, url: str, *args: str) -> None:
 
 @pytest.mark.parametrize(
     "command",
-    [("sync", "--force"), ("sync", "--incremental"), ("clear-cache", "--yes"), ("restore",)],
+    [
+        ("sync", "--force"),
+        ("sync", "--incremental"),
+        ("clear-cache", "--yes"),
+        ("restore",),
+        ("prune",),
+    ],
 )
 def test_transaction_pooling_is_refused_at_start_writing_nothing(
     balsync: Balsync,
@@ -208,11 +219,13 @@ def test_a_backend_carrying_another_clients_lock_is_never_shared(
 def test_read_only_commands_work_through_transaction_pooling(
     balsync: Balsync, transaction_pooled: PgBouncer, rds: redis.Redis, key_prefix: str, pg: Conn
 ) -> None:
-    """status and verify take no lock: they answer through transaction pooling."""
+    """status, verify and health take no lock: they answer through transaction pooling."""
     balsync.ok("init-db")
-    rds.set(f"{key_prefix}1", "1.00")
+    rds.mset({f"{key_prefix}{i}": f"{i}.00" for i in range(1, 5001)})
     balsync.ok("sync", "--force")
     status = _json(balsync, "status", url=transaction_pooled.url)
     assert status["running"] is False
-    verified = balsync("verify", env={"BALSYNC_DATABASE_URL": transaction_pooled.url})
-    assert verified.exit_code == 0, (verified.stdout, verified.stderr)
+    verified = _json(balsync, "verify", url=transaction_pooled.url)
+    assert (verified["missing_in_pg"], verified["differing"]) == (0, 0), verified
+    health = balsync("health", env={"BALSYNC_DATABASE_URL": transaction_pooled.url})
+    assert health.exit_code == 0, (health.stdout, health.stderr)
