@@ -221,7 +221,7 @@ def test_read_only_commands_work_through_transaction_pooling(
 ) -> None:
     """status, verify and health take no lock: they answer through transaction pooling."""
     balsync.ok("init-db")
-    rds.mset({f"{key_prefix}{i}": f"{i}.00" for i in range(1, 5001)})
+    rds.mset({f"{key_prefix}{i}": f"{i}.00" for i in range(1, 10001)})
     balsync.ok("sync", "--force")
     status = _json(balsync, "status", url=transaction_pooled.url)
     assert status["running"] is False
