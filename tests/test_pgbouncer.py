@@ -12,11 +12,11 @@ import psycopg
 import pytest
 import redis
 
-from balance_sync.pg_store import LOCK_CLASS, Database, RunLock
-from balance_sync.settings import TableName
+from balance_sync.pg_store import LOCK_CLASS
 from balance_sync.writer import BalanceWriter
 from tests.conftest import Balsync, balances
 from tests.pgbouncer import PgBouncer
+from tests.test_sync import lock_held
 
 Conn = psycopg.Connection[tuple[object, ...]]
 REFUSAL = "transaction pooling"
@@ -40,6 +40,16 @@ def transaction_pooled(database_url: str, request: pytest.FixtureRequest) -> Ite
     ).start()
     yield bouncer
     bouncer.stop()
+
+
+def _lock_pids(pg: Conn) -> list[object]:
+    """The server pids holding a balsync table lock in the test's database."""
+    rows = pg.execute(
+        """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
+        (LOCK_CLASS,),
+    ).fetchall()
+    return [pid for (pid,) in rows]
 
 
 def _json(balsync: Balsync, *args: str, url: str) -> dict[str, object]:
@@ -81,21 +91,10 @@ def test_status_names_the_pooled_lock_holder_by_its_server_pid(
 ) -> None:
     """The holder a pooled run reports is the server's backend, the one pg_locks shows."""
     balsync.ok("init-db", env={"BALSYNC_DATABASE_URL": session_pooled.url})
-    holder = Database(session_pooled.url, 5)
-    lock = RunLock(holder, TableName("user_balances"))
-    try:
-        assert lock.acquire(0)
+    with lock_held(session_pooled.url) as lock:
         pid = lock.holder_pid()
         status = _json(balsync, "status", url=session_pooled.url)
-    finally:
-        lock.release()
-        holder.close()
-    row = pg.execute(
-        """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND granted
-           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
-        (LOCK_CLASS,),
-    ).fetchone()
-    assert row is None  # released
+    assert _lock_pids(pg) == []  # released
     assert status["running"] is True
     assert status["lock_holder"]["backend_pid"] == pid  # type: ignore[index]
 
@@ -106,14 +105,8 @@ def test_a_pooled_run_skips_while_another_holds_the_lock(
     """Through session pooling the lock still keeps two runs apart."""
     balsync.ok("init-db", env={"BALSYNC_DATABASE_URL": session_pooled.url})
     rds.set(f"{key_prefix}1", "1.00")
-    holder = Database(session_pooled.url, 5)
-    lock = RunLock(holder, TableName("user_balances"))
-    try:
-        assert lock.acquire(0)
+    with lock_held(session_pooled.url):
         data = _json(balsync, "sync", "--force", url=session_pooled.url)
-    finally:
-        lock.release()
-        holder.close()
     assert data["status"] == "skipped"
     assert balances(pg) == {}
 
@@ -121,11 +114,7 @@ def test_a_pooled_run_skips_while_another_holds_the_lock(
 def _nothing_written(pg: Conn) -> None:
     assert balances(pg) == {}
     assert pg.execute("SELECT count(*) FROM balsync.sync_runs").fetchone() == (0,)
-    assert pg.execute(
-        """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s
-           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
-        (LOCK_CLASS,),
-    ).fetchone() == (0,)
+    assert _lock_pids(pg) == []
 
 
 def _refused(balsync: Balsync, url: str, *args: str) -> None:
@@ -229,3 +218,18 @@ def test_read_only_commands_work_through_transaction_pooling(
     assert (verified["missing_in_pg"], verified["differing"]) == (0, 0), verified
     health = balsync("health", env={"BALSYNC_DATABASE_URL": transaction_pooled.url})
     assert health.exit_code == 0, (health.stdout, health.stderr)
+
+
+def test_a_pooled_run_whose_server_session_dies_takes_the_lock_again(
+    balsync: Balsync, session_pooled: PgBouncer, pg: Conn
+) -> None:
+    """A reconnect through session pooling is a new session, not a pooler's sharing: the
+    lock is taken again on the new backend instead of refusing."""
+    balsync.ok("init-db", env={"BALSYNC_DATABASE_URL": session_pooled.url})
+    with lock_held(session_pooled.url) as lock:
+        before = lock.holder_pid()
+        pg.execute("SELECT pg_terminate_backend(%s)", (before,))
+        after = lock.holder_pid()
+        holders = _lock_pids(pg)
+    assert after != before
+    assert holders == [after]
