@@ -55,6 +55,7 @@ RAW_VALUE_LIMIT = 200
 # server becomes exit 4 instead of a hung cron job.
 MIN_ATTEMPT_DEADLINE = 30.0
 LOCK_POLL_S = 0.5  # between tries to take a table's lock while --wait lasts
+_LOGIN_REFUSED = ("28P01", "28000")  # a password or pg_hba refused: exit 4, never retried
 UNKNOWN_ID = "unknown id: no such row, and the table takes no inserts"
 # How a row of balsync.written is replaced: its last written value, whoever wrote it first.
 _REMEMBER: LiteralString = (
@@ -413,7 +414,7 @@ class Database:
                 "PostgreSQL", self.retry_timeout, retry.is_transient_postgres, attempt
             )
         except psycopg.Error as exc:
-            if retry.is_transient_postgres(exc) or exc.sqlstate in ("28P01", "28000"):
+            if retry.is_transient_postgres(exc) or exc.sqlstate in _LOGIN_REFUSED:
                 raise PostgresUnavailable(
                     f"PostgreSQL at {mask_url(self.url) or '(libpq defaults)'} is unavailable"
                     f" after {self.retry_timeout:g}s of retries: {_first_line(exc)}",
@@ -1086,13 +1087,14 @@ class Database:
                     # ended politely ends with its connection.
                     self.close()
                     return
-                if not retry.is_transient_postgres(exc):
+                transient = retry.is_transient_postgres(exc)
+                if not transient and exc.sqlstate not in _LOGIN_REFUSED:
                     raise
                 # As in Database.call, the budget runs from the start of the first failed
                 # attempt: an attempt cut at the deadline (never shorter than the budget) has
                 # spent it, so a silent server or a locked table ends the run after one deadline.
                 failing_since = started if failing_since is None else failing_since
-                if time.monotonic() - failing_since > self.retry_timeout:
+                if not transient or time.monotonic() - failing_since > self.retry_timeout:
                     raise PostgresUnavailable(
                         f"PostgreSQL at {mask_url(self.url) or '(libpq defaults)'} is unavailable:"
                         f" the stream of {target.table} did not resume within"
