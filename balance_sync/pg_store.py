@@ -76,6 +76,7 @@ LOCK_POLL_S = 0.5  # between tries to take a table's lock while --wait lasts
 PROBE_ROUNDS = 32  # a second connection's tries to reach the lock's session: a pool's length
 START_CHECKS = 5  # transactions that must find the lock's own session before a run writes
 SHARED_UNLOCK_TRIES = 20  # transactions that look for the lock's session in a pool to free it
+_LOGIN_REFUSED = ("28P01", "28000")  # a password or pg_hba refused: exit 4, never retried
 UNKNOWN_ID = "unknown id: no such row, and the table takes no inserts"
 # How a row of balsync.written is replaced: its last written value, whoever wrote it first.
 _REMEMBER: LiteralString = (
@@ -495,7 +496,7 @@ class Database:
                 "PostgreSQL", self.retry_timeout, retry.is_transient_postgres, attempt
             )
         except psycopg.Error as exc:
-            if retry.is_transient_postgres(exc) or exc.sqlstate in ("28P01", "28000"):
+            if retry.is_transient_postgres(exc) or exc.sqlstate in _LOGIN_REFUSED:
                 raise PostgresUnavailable(
                     f"PostgreSQL at {mask_url(self.url) or '(libpq defaults)'} is unavailable"
                     f" after {self.retry_timeout:g}s of retries: {_first_line(exc)}",
@@ -1243,6 +1244,11 @@ class Database:
         table's size. Ids below 1 can have no Redis key and are left out; with `ids`, only
         those rows are read. When the connection breaks, the stream reopens after the last
         id it yielded, within the retry budget, so no row is yielded twice.
+
+        Every round trip is bounded as in `call`: the stretch between two batches (a FETCH,
+        and the BEGIN and DECLARE before the first one) is one attempt under the same
+        deadline, so a silent server or a table locked by another session cannot hang the
+        stream. Raises PostgresUnavailable once the budget is spent.
         """
         id_col = sql.Identifier(target.id_column)
         only = sql.SQL(" AND {} = ANY(%s)").format(id_col) if ids is not None else sql.SQL("")
@@ -1252,32 +1258,58 @@ class Database:
             id=id_col, bal=sql.Identifier(target.balance_column), table=target.ident, only=only
         )
         after = 0
-        failing_since: float | None = None
+        failing_since: float | None = None  # start of the first failed attempt since a fetch
         while True:
-            conn = self.call(lambda conn: (conn.execute("SELECT 1"), conn)[1])
+            # Each attempt is one stretch of round trips between two yields (BEGIN, DECLARE and
+            # the first FETCH; then each FETCH; the last with CLOSE and COMMIT), under
+            # Database.call's deadline. The watchdog sleeps while the consumer works: an
+            # attempt is PostgreSQL's time, not the time Redis takes to write a batch.
+            started = time.monotonic()
             params: tuple[object, ...] = (after,) if ids is None else (after, list(ids))
+            guard: _Watchdog | None = None
             try:
+                conn = self.connection()
+                guard = _Watchdog(conn, self.deadline)
+                guard.arm()
                 with conn.transaction(), conn.cursor(name="balsync_stream") as cursor:
                     cursor.execute(query, params)
                     while rows := cursor.fetchmany(batch_size):
                         failing_since = None
                         after = int(rows[-1][0])
-                        yield [(int(i), None if b is None else str(b)) for i, b in rows]
+                        guard.disarm()
+                        try:
+                            yield [(int(i), None if b is None else str(b)) for i, b in rows]
+                        finally:
+                            # The next FETCH, or the CLOSE and ROLLBACK of a consumer that
+                            # stops early, is the next attempt.
+                            started = time.monotonic()
+                            guard.arm()
                 return
             except psycopg.Error as exc:
-                # A fault while the consumer closes the stream (GeneratorExit) ends it.
-                closing = isinstance(exc.__context__, GeneratorExit)
-                if closing or not retry.is_transient_postgres(exc):
+                if isinstance(exc.__context__, GeneratorExit):
+                    # The consumer is closing the stream (often over a fault of its own, which
+                    # must stay the error it reports): a read-only transaction that cannot be
+                    # ended politely ends with its connection.
+                    self.close()
+                    return
+                transient = retry.is_transient_postgres(exc)
+                if not transient and exc.sqlstate not in _LOGIN_REFUSED:
                     raise
-                now = time.monotonic()
-                failing_since = failing_since or now
-                if now - failing_since > self.retry_timeout:
+                # As in Database.call, the budget runs from the start of the first failed
+                # attempt: an attempt cut at the deadline (never shorter than the budget) has
+                # spent it, so a silent server or a locked table ends the run after one deadline.
+                failing_since = started if failing_since is None else failing_since
+                if not transient or time.monotonic() - failing_since > self.retry_timeout:
                     raise PostgresUnavailable(
-                        f"PostgreSQL kept breaking the stream of {target.table} for "
-                        f"{self.retry_timeout:g}s: {_first_line(exc)}",
-                        "rerunning is safe: keys already written are kept",
+                        f"PostgreSQL at {mask_url(self.url) or '(libpq defaults)'} is unavailable:"
+                        f" the stream of {target.table} did not resume within"
+                        f" {self.retry_timeout:g}s of retries: {_first_line(exc)}",
+                        "rerunning is safe: a restore keeps the keys it already wrote",
                     ) from exc
                 time.sleep(0.5)
+            finally:
+                if guard is not None:
+                    guard.disarm()
 
     def newest_skipping_run(self, table: TableName) -> int | None:
         """The newest run of `table` that skipped records, else its newest run, else None."""
@@ -1485,29 +1517,51 @@ class RunLock:
                     break
 
 
-@contextlib.contextmanager
-def _watchdog(conn: Connection, seconds: float) -> Iterator[None]:
-    """Cut the connection if one attempt outlasts `seconds`.
+class _Watchdog:
+    """Cuts a connection when one attempt outlasts `seconds`: armed for each attempt, disarmed
+    between attempts.
 
     Keepalives and tcp_user_timeout notice a dead peer, not a live one that never answers
-    (a hung server, a stuck pooler or load balancer): there psycopg would wait forever.
-    Shutting the socket down wakes it with an error that the retry policy handles.
+    (a hung server, a stuck pooler or load balancer, a lock that is never granted): there
+    psycopg would wait forever. Shutting the socket down wakes it with an error that the
+    retry policy handles.
     """
 
-    def cut() -> None:
-        log.warning("PostgreSQL did not answer within %.0fs; dropping the connection", seconds)
+    def __init__(self, conn: Connection, seconds: float) -> None:
+        self.conn = conn
+        self.seconds = seconds
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        """Start the clock of an attempt (again)."""
+        self.disarm()
+        self._timer = threading.Timer(self.seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def disarm(self) -> None:
+        """Stop the clock: the attempt is over."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _cut(self) -> None:
+        log.warning("PostgreSQL did not answer within %.0fs; dropping the connection", self.seconds)
         with contextlib.suppress(OSError, psycopg.Error):
-            fd = os.dup(conn.pgconn.socket)
+            fd = os.dup(self.conn.pgconn.socket)
             with socket.socket(fileno=fd) as sock:
                 sock.shutdown(socket.SHUT_RDWR)
 
-    timer = threading.Timer(seconds, cut)
-    timer.daemon = True
-    timer.start()
+
+@contextlib.contextmanager
+def _watchdog(conn: Connection, seconds: float) -> Iterator[None]:
+    """One attempt on `conn` under a `_Watchdog` of `seconds`."""
+    guard = _Watchdog(conn, seconds)
+    guard.arm()
     try:
         yield
     finally:
-        timer.cancel()
+        guard.disarm()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ moved since the last sync; a second verify right after a sync tells drift from m
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import logging
 import time
@@ -154,8 +155,10 @@ def run_verify(settings: Settings, options: VerifyOptions) -> VerifyResult:
         )
         for page in redis.scan_pages(settings.key_prefix):
             comparison.compare_page(page)
-        for rows in db.stream_balances(comparison.target, None, PG_CHUNK):
-            comparison.check_rows(rows)
+        # Closed while its connection is open, even when Redis fails mid-way.
+        with contextlib.closing(db.stream_balances(comparison.target, None, PG_CHUNK)) as chunks:
+            for rows in chunks:
+                comparison.check_rows(rows)
     finally:
         db.close()
         redis.close()

@@ -16,6 +16,7 @@ from balance_sync.restore import RestoreOptions, parse_ids, run_restore
 from balance_sync.settings import TableName, resolve_settings
 from balance_sync.validation import parse_balance, redis_value
 from tests.devservers import ValkeyServer, free_port
+from tests.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
 
 Pg = psycopg.Connection[tuple[object, ...]]
 JSON_KEYS = {"status", "dry_run", "total", "restored", "already_present", "invalid", "not_found"}
@@ -310,3 +311,63 @@ def test_redis_lost_mid_run_is_exit_3(initialized, pg, tmp_path, monkeypatch):
         server.stop()
     assert result.exit_code == 3
     assert "Redis" in result.stderr
+
+
+def test_a_locked_table_ends_restore_with_exit_4_and_releases_the_lock(
+    initialized, rds, pg, key_prefix, database_url, monkeypatch
+):
+    """Another session holds the table ACCESS EXCLUSIVE: exit 4 after about one deadline
+    instead of waiting forever, and balsync's own lock goes, so the next sync runs."""
+    _rows(pg, {1: "1.00", 2: "2.00"})
+    short_deadline(monkeypatch)
+    with table_lock(database_url) as lock:
+        result, took = ends_in_time(lock, lambda: initialized("restore", "--retry-timeout", BUDGET))
+    assert result.exit_code == 4, (result.stdout, result.stderr)
+    assert "PostgreSQL" in result.stderr
+    assert took < ENDS_WITHIN, f"took {took:.1f}s"
+    sync = initialized("sync", "--json", "--force")
+    assert json.loads(sync.stdout)["status"] == "success", sync.stdout
+    assert _json(initialized("restore", "--json"))["restored"] == 2
+
+
+def test_a_table_locked_mid_stream_keeps_the_keys_written_and_a_rerun_converges(
+    initialized, rds, pg, key_prefix, database_url, monkeypatch
+):
+    """The stream breaks after its first batch and the table is locked before it reopens:
+    exit 4 within the deadline and budget; that batch's keys stay, and a rerun restores the
+    rest exactly."""
+    pg.execute(  # three batches of restore's 1000
+        """INSERT INTO user_balances (telegram_id, balance)
+           SELECT g, g / 100.0 FROM generate_series(1, 2500) g"""
+    )
+    short_deadline(monkeypatch)
+    write = RedisStore.set_missing
+    with table_lock(database_url, taken=False) as lock:
+
+        def write_then_lock(self: RedisStore, items: list[tuple[bytes, bytes]]) -> list[bool]:
+            if not lock.held:  # the first batch: end the stream's backend, lock the table
+                killed = pg.execute(
+                    """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                       WHERE datname = current_database() AND pid <> pg_backend_pid()
+                         AND state = 'idle in transaction'"""
+                ).fetchall()
+                assert killed == [(True,)]
+                lock.take()
+            return write(self, items)
+
+        monkeypatch.setattr(RedisStore, "set_missing", write_then_lock)
+        result, took = ends_in_time(lock, lambda: initialized("restore", "--retry-timeout", BUDGET))
+    monkeypatch.setattr(RedisStore, "set_missing", write)
+    assert result.exit_code == 4, (result.stdout, result.stderr)
+    assert "did not resume" in result.stderr
+    assert took < ENDS_WITHIN, f"took {took:.1f}s"
+    first = [f"{key_prefix}{i}" for i in range(1, 1001)]
+    assert rds.mget(first) == [format(Decimal(i) / 100, ".2f").encode() for i in range(1, 1001)]
+    assert rds.exists(f"{key_prefix}1001") == 0
+    rerun = _json(initialized("restore", "--json"))
+    assert (rerun["total"], rerun["restored"], rerun["already_present"]) == (2500, 1500, 1000)
+    persisted = dict(pg.execute("SELECT telegram_id, balance::text FROM user_balances"))
+    keys = [f"{key_prefix}{i}" for i in persisted]
+    assert dict(zip(persisted, rds.mget(keys), strict=True)) == {
+        i: b.encode() for i, b in persisted.items()
+    }

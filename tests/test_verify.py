@@ -12,6 +12,7 @@ from psycopg import sql
 
 from tests.conftest import Balsync
 from tests.devservers import ValkeyServer, free_port
+from tests.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
 
 
 def verify_json(balsync: Balsync, *args: str, env: dict[str, str] | None = None) -> dict:
@@ -381,3 +382,21 @@ def test_json_on_failure_is_one_failed_object(initialized, side):
     assert data["status"] == "failed"
     assert data["missing_in_pg"] is None
     assert data["examples"] == {"missing_in_pg": [], "differing": [], "missing_in_redis": []}
+
+
+def test_a_locked_table_ends_verify_with_exit_4_instead_of_hanging(
+    initialized, rds, key_prefix, pg, database_url, monkeypatch
+):
+    """Another session holds the table ACCESS EXCLUSIVE while verify streams its rows: exit 4
+    after about one deadline, one line naming PostgreSQL."""
+    rows(pg, {1: "1.00", 2: "2.00"})  # no keys: the Redis pass reads no row, the stream does
+    short_deadline(monkeypatch)
+    with table_lock(database_url) as lock:
+        result, took = ends_in_time(
+            lock, lambda: initialized("verify", "--json", "--retry-timeout", BUDGET)
+        )
+    assert result.exit_code == 4, (result.stdout, result.stderr)
+    assert json.loads(result.stdout)["status"] == "failed"
+    assert "PostgreSQL" in result.stderr
+    assert took < ENDS_WITHIN, f"took {took:.1f}s"
+    assert verify_json(initialized)["missing_in_redis"] == 2

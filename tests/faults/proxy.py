@@ -11,6 +11,8 @@ through it:
   server or a stuck middlebox looks like. On loopback the proxy's kernel still answers TCP
   keepalive probes, so only the client's own read timeouts can notice.
 
+`silence(port)` blackholes one connection alone, the one whose upstream leaves from `port`
+(the `client_port` of its backend in pg_stat_activity), while the others keep flowing;
 `reset_all()` resets the connections open right now and leaves the mode alone, and
 `lose_reply(pattern)` lets the next server reply containing `pattern` vanish while the
 connection is reset: a commit that landed but whose answer was lost in transit.
@@ -40,6 +42,7 @@ class _Pair:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    silent: bool = False  # blackholed on its own (`Proxy.silence`)
 
 
 def _reset(writer: asyncio.StreamWriter | None) -> None:
@@ -111,6 +114,11 @@ class Proxy:
         """Reset every open connection now; return how many there were."""
         return self._run(self._reset_all())
 
+    def silence(self, upstream_port: int) -> bool:
+        """Blackhole the one connection whose upstream leaves from local `upstream_port`;
+        False when no open connection does."""
+        return self._run(self._silence(upstream_port))
+
     def lose_reply(self, pattern: bytes) -> None:
         """Drop the next server-to-client chunk holding `pattern`, and reset its connection."""
         self._lose = pattern
@@ -134,6 +142,14 @@ class Proxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _silence(self, upstream_port: int) -> bool:
+        for pair in self._pairs:
+            local = pair.upstream.get_extra_info("sockname") if pair.upstream else None
+            if local is not None and local[1] == upstream_port:
+                pair.silent = True
+                return True
+        return False
 
     async def _reset_all(self) -> int:
         pairs = list(self._pairs)
@@ -187,7 +203,7 @@ class Proxy:
         tail = b""
         try:
             while data := await reader.read(CHUNK):
-                if self.mode == "blackhole":
+                if self.mode == "blackhole" or pair.silent:
                     continue
                 if to_client and self._lose is not None and self._lose in tail + data:
                     self._lose = None
@@ -202,7 +218,7 @@ class Proxy:
         except (OSError, asyncio.CancelledError):
             pass
         # The upstream going away during a blackhole must stay invisible to the client.
-        if to_client and self.mode == "blackhole" and pair in self._pairs:
+        if to_client and (self.mode == "blackhole" or pair.silent) and pair in self._pairs:
             _close(pair.upstream)
             return
         self._pairs.discard(pair)
