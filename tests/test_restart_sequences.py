@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -49,6 +50,17 @@ class Bench:
         result = (tool or self.tool)("sync", "--json", "--force", *args)
         assert result.stdout, result.stderr
         return result.exit_code, json.loads(result.stdout)
+
+    def assert_rebuilt_balance_is_held(
+        self, pg: Any, tool: Balsync | None = None, table: str = "user_balances"
+    ) -> None:
+        """The bot's INCRBY on user 1's missing key makes "5"; the next sync must hold it
+        back (exit 1) and leave the persisted 1500.00 alone."""
+        with self.client() as client:
+            client.incrby(f"{self.prefix}1", 5)
+        code, data = self.sync(tool=tool)
+        assert balances(pg, table)[1] == "1500.00", (code, data)
+        assert code == 1
 
 
 @pytest.fixture
@@ -149,13 +161,9 @@ def test_a_flushed_redis_is_not_trusted(bench, pg):
     missing, which is evidence of loss, not of agreement."""
     with bench.client() as client:
         client.flushall()
-    code, data = bench.sync()  # an empty keyspace: 0 processed
+    _code, data = bench.sync()  # an empty keyspace: 0 processed
     assert data["processed"] == 0
-    with bench.client() as client:
-        client.incrby(f"{bench.prefix}1", 5)  # the bot's INCRBY on a missing key: "5"
-    code, data = bench.sync()
-    assert balances(pg)[1] == "1500.00", (code, data)
-    assert code == 1
+    bench.assert_rebuilt_balance_is_held(pg)
 
 
 # --------------------------------------------------------------------------------------
@@ -372,13 +380,9 @@ def test_a_view_never_trusts_an_empty_redis_after_a_restart(bench, pg):
     via_view = Balsync({**bench.tool.env, "BALSYNC_TABLE": "balances_v"})
     bench.server.stop()
     bench.server.start()  # empty: every key lost
-    code, data = bench.sync(tool=via_view)
+    _code, data = bench.sync(tool=via_view)
     assert data["processed"] == 0
-    with bench.client() as client:
-        client.incrby(f"{bench.prefix}1", 5)  # the bot rebuilds user 1 from nothing
-    code, data = bench.sync(tool=via_view)
-    assert balances(pg)[1] == "1500.00", (code, data)
-    assert code == 1
+    bench.assert_rebuilt_balance_is_held(pg, tool=via_view)
 
 
 def test_a_renamed_table_never_trusts_an_empty_redis_after_a_restart(bench, pg):
@@ -389,16 +393,12 @@ def test_a_renamed_table_never_trusts_an_empty_redis_after_a_restart(bench, pg):
     the bot's rebuilt-from-zero 5 then overwrites 1500.00."""
     bench.server.stop()
     bench.server.start()
-    code, data = bench.sync()
+    _code, data = bench.sync()
     assert data["processed"] == 0
     pg.execute("ALTER TABLE user_balances RENAME TO balances")
     renamed = Balsync({**bench.tool.env, "BALSYNC_TABLE": "balances"})
     bench.sync(tool=renamed)  # no key: nothing held, "every remembered key found"
-    with bench.client() as client:
-        client.incrby(f"{bench.prefix}1", 5)
-    code, data = bench.sync(tool=renamed)
-    assert balances(pg, "balances")[1] == "1500.00", (code, data)
-    assert code == 1
+    bench.assert_rebuilt_balance_is_held(pg, tool=renamed, table="balances")
 
 
 @pytest.fixture
@@ -467,14 +467,10 @@ def test_a_restart_between_verification_and_trust_is_not_trusted(bench, pg, monk
         return real(self, marker, token)
 
     monkeypatch.setattr(RedisStore, "set_marker", restart_first)
-    code, data = bench.sync()
+    bench.sync()
     monkeypatch.undo()
     assert restarted
-    with bench.client() as client:
-        client.incrby(f"{bench.prefix}1", 5)
-    code, data = bench.sync()
-    assert balances(pg)[1] == "1500.00", (code, data)
-    assert code == 1
+    bench.assert_rebuilt_balance_is_held(pg)
 
 
 def test_a_snapshot_older_than_a_pending_runs_inserts_is_not_a_clean_failover(
@@ -571,15 +567,11 @@ def test_accept_redis_restart_accepts_only_the_server_the_operator_saw(bench, pg
     timer = threading.Timer(1.0, cron_run_finishes_while_redis_restarts)
     timer.start()
     try:
-        code, data = bench.sync("--accept-redis-restart", "--wait", "60")
+        bench.sync("--accept-redis-restart", "--wait", "60")
     finally:
         timer.join()
         holder.close()
-    with bench.client() as client:
-        client.incrby(f"{bench.prefix}1", 5)
-    code, data = bench.sync()
-    assert balances(pg)[1] == "1500.00", (code, data)
-    assert code == 1
+    bench.assert_rebuilt_balance_is_held(pg)
 
 
 def test_holds_a_restart_from_a_snapshot_older_than_the_last_sync(
@@ -625,10 +617,10 @@ def test_holds_another_installation_overwriting_the_marker(bench, pg, database_u
 
     from tests.conftest import with_database
 
-    other = with_database(database_url, "balsync_adv2_other")
+    other = with_database(database_url, "balsync_other_install")
     admin = psycopg.connect(database_url, autocommit=True)
-    admin.execute(sql.SQL("DROP DATABASE IF EXISTS balsync_adv2_other"))
-    admin.execute(sql.SQL("CREATE DATABASE balsync_adv2_other"))
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS balsync_other_install"))
+    admin.execute(sql.SQL("CREATE DATABASE balsync_other_install"))
     try:
         second = Balsync({**bench.tool.env, "BALSYNC_DATABASE_URL": other})
         second.ok("init-db")
@@ -638,5 +630,5 @@ def test_holds_another_installation_overwriting_the_marker(bench, pg, database_u
         assert code == 1  # held: the marker is not ours
         assert balances(pg)[1] == "1500.00"
     finally:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS balsync_adv2_other WITH (FORCE)"))
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS balsync_other_install WITH (FORCE)"))
         admin.close()
