@@ -328,6 +328,16 @@ class ValkeySentinels:
         self.master.stop()
 
 
+def replicated(client: redis.Redis, timeout: float = 60) -> bool:
+    """True once a replica has acknowledged every write the master took so far (WAIT), asked
+    in short rounds so that no socket timeout is reached while a replica is still attaching."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if int(client.wait(1, 1000)) >= 1:
+            return True
+    return False
+
+
 def _gone(pid: int) -> None:
     try:
         os.kill(pid, 0)

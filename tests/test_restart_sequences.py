@@ -21,7 +21,7 @@ from redis.cluster import RedisCluster
 
 from balance_sync.redis_store import trust_marker
 from tests.conftest import Balsync, balances
-from tests.devservers import ValkeyCluster, ValkeyServer
+from tests.devservers import ValkeyCluster, ValkeyServer, replicated
 
 PERSISTED = {1: "1500.00", 2: "20.00", 3: "3.00"}
 
@@ -494,7 +494,7 @@ def test_a_snapshot_older_than_a_pending_runs_inserts_is_not_a_clean_failover(
         with redis.Redis.from_url(replica.url) as r:
             _until(lambda: r.info("replication").get("master_link_status") == "up")
         client.set("balsync-test:probe", "1")
-        assert client.wait(1, 10_000) == 1  # the backlog exists from now on
+        assert replicated(client)  # the backlog exists from now on
         replica.stop()
         tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": master.url})
         client.mset({f"{key_prefix}{i}": v for i, v in PERSISTED.items()})
@@ -590,7 +590,7 @@ def test_holds_a_restart_from_a_snapshot_older_than_the_last_sync(
         client = redis.Redis.from_url(master.url, socket_timeout=30)
         with redis.Redis.from_url(replica.url) as r:
             _until(lambda: r.info("replication").get("master_link_status") == "up")
-        assert client.wait(1, 10_000) == 1
+        assert replicated(client)
         replica.stop()
         tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": master.url})
         client.mset({f"{key_prefix}{i}": v for i, v in PERSISTED.items()})

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from tests.conftest import Balsync, balances
-from tests.devservers import ValkeySentinels, ValkeyServer, free_port
+from tests.devservers import ValkeySentinels, ValkeyServer, free_port, replicated
 
 
 def sync(tool: Balsync, *args: str) -> tuple[int, dict[str, object]]:
@@ -34,13 +34,16 @@ def pair(tmp_path: Path) -> Iterator[tuple[ValkeyServer, ValkeyServer]]:
     master = ValkeyServer(tmp_path / "master").start()
     replica = ValkeyServer(
         tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(master.port))
-    ).start()
-    with redis.Redis.from_url(master.url) as client:
-        client.set("balsync-test:probe", "1")
-        assert client.wait(1, 10_000) == 1  # the replica is attached and in sync
-    yield master, replica
-    replica.stop()
-    master.stop()
+    )
+    try:
+        replica.start()
+        with redis.Redis.from_url(master.url) as client:
+            client.set("balsync-test:probe", "1")
+            assert replicated(client)  # the replica is attached and in sync
+        yield master, replica
+    finally:
+        replica.stop()
+        master.stop()
 
 
 def test_sync_through_sentinels_and_a_clean_failover(initialized, sentinels, key_prefix, pg):
@@ -51,13 +54,13 @@ def test_sync_through_sentinels_and_a_clean_failover(initialized, sentinels, key
         master.mset({f"{key_prefix}{i}": f"{i}.00" for i in range(1, 6)})
         code, data = sync(tool)
         assert (code, data["inserted"]) == (0, 5)
-        assert master.wait(1, 10_000) == 1  # the replica has everything balsync read
+        assert replicated(master)  # the replica has everything balsync read
     sentinels.failover()
     with redis.Redis(port=sentinels.master_port()) as master:
         master.set(f"{key_prefix}1", "10.00")
         code, data = sync(tool)
         # The sentinels turn the old master into the new one's replica; once it is in sync:
-        assert master.wait(1, 30_000) == 1
+        assert replicated(master)
     assert (code, data["updated"], data["skipped"]) == (0, 1, 0)
     assert balances(pg) == {1: "10.00", 2: "2.00", 3: "3.00", 4: "4.00", 5: "5.00"}
     health = json.loads(tool("health", "--json").stdout)
@@ -81,7 +84,7 @@ def test_a_promoted_replica_that_was_in_sync_is_trusted(initialized, pair, key_p
     with redis.Redis.from_url(master.url) as client:
         client.mset({f"{key_prefix}1": "1500.00", f"{key_prefix}2": "20.00"})
         assert sync(Balsync({**initialized.env, "BALSYNC_REDIS_URL": master.url}))[0] == 0
-        assert client.wait(1, 10_000) == 1
+        assert replicated(client)
     with redis.Redis.from_url(replica.url) as client:
         client.replicaof("NO", "ONE")
         client.set(f"{key_prefix}2", "25.00")
@@ -96,7 +99,7 @@ def test_a_promoted_replica_that_lagged_is_a_restart(initialized, pair, key_pref
     master, replica = pair
     with redis.Redis.from_url(master.url) as client:
         client.mset({f"{key_prefix}1": "1500.00", f"{key_prefix}2": "20.00"})
-        assert client.wait(1, 10_000) == 1
+        assert replicated(client)
     with redis.Redis.from_url(replica.url) as client:
         client.replicaof("127.0.0.1", str(free_port()))  # cut off: it keeps its history
     with redis.Redis.from_url(master.url) as client:
