@@ -77,7 +77,7 @@ def test_a_signal_stops_the_run_after_its_batch_and_records_it(
     assert run.status == "failed"
     assert run.error is not None
     assert reason in run.error
-    assert routes == [("GET", "/start"), ("POST", "/fail")]
+    assert routes == [("GET", "/start"), ("POST", f"/{code}")]  # the end ping: URL/<exit code>
     assert (last.json()["status"], last.json()["exit_code"]) == ("failed", code)
     text = metrics.read_text()
     assert re.search(r'balsync_last_run_status\{[^}]*status="failed"[^}]*\} 1\.0', text), text
