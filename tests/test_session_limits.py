@@ -21,6 +21,7 @@ from balance_sync.pg_store import Database, RunLock
 from balance_sync.settings import TableName
 from tests.conftest import Balsync
 from tests.devservers import free_port
+from tests.tools import require_tool
 
 NAMES = (
     "tcp_keepalives_idle",
@@ -122,11 +123,7 @@ def test_a_refused_setting_is_logged_and_the_session_still_works(
 @pytest.fixture
 def pgbouncer(database_url: str, tmp_path: Path) -> Iterator[str]:
     """A PgBouncer in session mode in front of the test's database; its URL."""
-    binary = shutil.which("pgbouncer") or (
-        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
-    )
-    if binary is None:
-        pytest.skip("pgbouncer is not installed")
+    binary = require_tool("pgbouncer", "pgbouncer")
     params = psycopg.conninfo.conninfo_to_dict(database_url)
     port = free_port()
     # Not under pytest's own temp root, which only root may enter: PgBouncer refuses to
