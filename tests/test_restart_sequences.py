@@ -485,17 +485,9 @@ def test_a_snapshot_older_than_a_pending_runs_inserts_is_not_a_clean_failover(
     replid2/second_repl_offset continue the trusted history past the recorded offset, so
     balsync calls it a clean failover and trusts it. The bot's INCRBY rebuilds user 9
     from 0 and the next sync overwrites the persisted 50.00 with 5.00, exit 0. SPEC 7."""
-    master = ValkeyServer(tmp_path / "master").start()
-    replica = ValkeyServer(
-        tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(master.port))
-    ).start()
+    master, replica = _with_backlog(tmp_path)
     try:
         client = redis.Redis.from_url(master.url, socket_timeout=30)
-        with redis.Redis.from_url(replica.url) as r:
-            _until(lambda: r.info("replication").get("master_link_status") == "up")
-        client.set("balsync-test:probe", "1")
-        assert replicated(client)  # the backlog exists from now on
-        replica.stop()
         tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": master.url})
         client.mset({f"{key_prefix}{i}": v for i, v in PERSISTED.items()})
         assert _sync(tool)[0] == 0
@@ -582,16 +574,9 @@ def test_holds_a_restart_from_a_snapshot_older_than_the_last_sync(
     no 'clean failover'; the stale value is held."""
     import signal
 
-    master = ValkeyServer(tmp_path / "master").start()
-    replica = ValkeyServer(
-        tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(master.port))
-    ).start()
+    master, replica = _with_backlog(tmp_path)
     try:
         client = redis.Redis.from_url(master.url, socket_timeout=30)
-        with redis.Redis.from_url(replica.url) as r:
-            _until(lambda: r.info("replication").get("master_link_status") == "up")
-        assert replicated(client)
-        replica.stop()
         tool = Balsync({**initialized.env, "BALSYNC_REDIS_URL": master.url})
         client.mset({f"{key_prefix}{i}": v for i, v in PERSISTED.items()})
         assert _sync(tool)[0] == 0
@@ -632,3 +617,19 @@ def test_holds_another_installation_overwriting_the_marker(bench, pg, database_u
     finally:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS balsync_other_install WITH (FORCE)"))
         admin.close()
+
+
+def _with_backlog(tmp_path: Path) -> tuple[ValkeyServer, ValkeyServer]:
+    """A master that once had a replica in sync (so it keeps a replication backlog, and
+    reloads a snapshot as a continuation of its history), the replica stopped again."""
+    master = ValkeyServer(tmp_path / "master").start()
+    replica = ValkeyServer(
+        tmp_path / "replica", extra=("--replicaof", "127.0.0.1", str(master.port))
+    ).start()
+    with redis.Redis.from_url(replica.url) as r:
+        _until(lambda: r.info("replication").get("master_link_status") == "up")
+    with redis.Redis.from_url(master.url, socket_timeout=30) as client:
+        client.set("balsync-test:probe", "1")
+        assert replicated(client)  # the backlog exists from now on
+    replica.stop()
+    return master, replica
