@@ -50,6 +50,7 @@ DEFAULT_MIN_INTERVAL = 300.0
 SKIPPED_RECORDS_CAP = 1000
 CONFLICTS_CAP = 10_000  # a Redis restart can hold back every row; a sample is enough
 QUEUE_DEPTH = 4
+JOIN_ROUND_S = 0.1  # the main thread's longest wait between chances to run a signal handler
 DEFAULT_WRITERS = 2  # PostgreSQL connections merging batches at once
 
 
@@ -514,8 +515,12 @@ class _Writing:
         for thread in threads:
             thread.start()
         try:
+            # In short rounds: CPython runs signal handlers on the main thread only, and a
+            # signal the kernel hands to a worker thread waits for the main one to run
+            # bytecode again; an endless join would hold a SIGTERM until the run is over.
             for thread in threads[1:]:
-                thread.join()
+                while thread.is_alive():
+                    thread.join(JOIN_ROUND_S)
         finally:
             stop.set()
             threads[0].join(timeout=5)

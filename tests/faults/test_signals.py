@@ -6,6 +6,7 @@ the fail ping go out, PostgreSQL holds whole batches only, and the next run conv
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -96,6 +97,33 @@ def test_a_signal_stops_the_run_after_its_batch_and_records_it(
     assert rerun.code == 0, rerun
     assert assert_converged(bench.redis_url, bench.db_url, bench.prefix) == KEYS
     assert_ledger_consistent(bench.db_url)
+
+
+def worker_threads(pid: int) -> list[int]:
+    """The ids of a process's threads other than its main one (Linux: /proc/<pid>/task)."""
+    return sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_a_signal_the_kernel_hands_to_a_worker_thread_still_stops_the_run(bench: Bench) -> None:
+    """The kernel may deliver a process's SIGTERM to any of its threads; addressed to a
+    thread's id, it goes to that thread. CPython runs the handler on the main thread only,
+    so a main thread blocked until the writers finish would stop nothing: it must not be."""
+    seed(bench.redis_url, bench.prefix, make_balances(KEYS, 17))
+    bench.init_db()
+    running = bench.cli().start("sync", "--json", "--force", "--batch-size", BATCH)
+    wait_for_batches(bench.db_url, 10, running)
+    threads = worker_threads(running.pid)
+    assert threads, "a run reads and writes on threads of its own"
+    os.kill(threads[-1], signal.SIGTERM)
+    sent = time.monotonic()
+    done = running.wait(timeout=60)
+    took = time.monotonic() - sent
+    assert done.code == 143, done
+    assert took < STOP_WITHIN, f"took {took:.1f}s"
+    assert 0 < len(rows(bench.db_url)) < KEYS
+    [run] = sync_runs(bench.db_url)
+    assert run.status == "failed"
 
 
 def test_a_signal_while_waiting_for_the_lock_stops_at_once(bench: Bench) -> None:
