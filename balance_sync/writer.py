@@ -39,15 +39,15 @@ from balance_sync.errors import (
     BalanceMissing,
     PostgresUnavailable,
 )
-from balance_sync.pg_store import balance_lookup, looked_up_balance
-from balance_sync.redis_store import (
+from balance_sync.settings import DEFAULT_TABLE, TableName, mask_url
+from balance_sync.stores.postgres.database import balance_lookup, looked_up_balance
+from balance_sync.stores.redis.store import (
     Adjustment,
     AdjustReply,
     AsyncTrackedWrites,
     ReplyLost,
     TrackedWrites,
 )
-from balance_sync.settings import DEFAULT_TABLE, TableName, mask_url
 from balance_sync.validation import ValueFormat, parse_balance, redis_value
 
 __all__ = [

@@ -15,7 +15,7 @@
 -- 3. balsync then runs as that role: BALSYNC_DATABASE_URL=postgresql://balsync@db/app
 --    (the password from BALSYNC_DATABASE_URL_FILE, a Kubernetes Secret, or ~/.pgpass).
 --
--- What the role gets, and why (balance_sync/pg_store.py holds every statement):
+-- What the role gets, and why (balance_sync/stores/postgres/ holds every statement):
 --   CONNECT, TEMPORARY on the database   each batch is COPYed into a temporary staging table
 --   USAGE on schema balsync              run records, batch ledger, skipped records, conflicts
 --   SELECT, INSERT, UPDATE on balsync.*  a run inserts its record and updates it as it ends

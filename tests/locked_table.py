@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from balance_sync import pg_store
+from balance_sync.stores.postgres import database as pg_store
 
 T = TypeVar("T")
 DEADLINE = 2.0  # one attempt's deadline in these tests: MIN_ATTEMPT_DEADLINE and --retry-timeout

@@ -17,9 +17,9 @@ from click.testing import CliRunner, Result
 
 from balance_sync import __version__
 from balance_sync.cli import cli
-from balance_sync.logs import LOGGER
-from balance_sync.pg_store import Database
+from balance_sync.monitoring.logs import LOGGER
 from balance_sync.settings import TableName
+from balance_sync.stores.postgres.database import Database
 from tests.conftest import Balsync, balances, sync_json_keys
 from tests.devservers import free_port
 

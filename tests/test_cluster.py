@@ -17,8 +17,8 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from balance_sync.redis_store import RedisStore, TrackedWrites, adjustment_key, dirty_keys
 from balance_sync.settings import resolve_settings
+from balance_sync.stores.redis.store import RedisStore, TrackedWrites, adjustment_key, dirty_keys
 from balance_sync.writer import BalanceMissing, BalanceWriter
 from tests.conftest import Balsync, Servers, balances
 from tests.devservers import ValkeyCluster, free_port

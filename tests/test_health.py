@@ -18,8 +18,8 @@ import psycopg
 import pytest
 import redis
 
-from balance_sync import health
-from balance_sync.health import format_duration
+from balance_sync.ops import health
+from balance_sync.ops.health import format_duration
 from tests.conftest import Balsync
 from tests.devservers import ValkeyServer, free_port
 

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from balance_sync import pg_store
-from balance_sync.pg_store import LOCK_CLASS
+from balance_sync.stores.postgres import database as pg_store
+from balance_sync.stores.postgres.database import LOCK_CLASS
 from tests.conftest import Balsync
 
 WATCHDOG = 2.0  # seconds one statement may go unanswered in these tests

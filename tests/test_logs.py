@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from balance_sync.logs import LOGGER, setup_logging
+from balance_sync.monitoring.logs import LOGGER, setup_logging
 from tests.netutil import closed_port
 
 # Made-up passwords the tests look for in the output.
@@ -34,7 +34,7 @@ def test_sync_appends_its_lines_to_the_log_file(initialized, rds, key_prefix, tm
     initialized.ok("sync", "--log-file", str(log))
     lines = log.read_text().splitlines()
     assert lines[0] == "an earlier line"
-    assert any("INFO balance_sync.sync sync success: 1 processed" in line for line in lines)
+    assert any("INFO balance_sync.ops.sync sync success: 1 processed" in line for line in lines)
     assert any("sync skipped:" in line for line in lines)
 
 
@@ -107,7 +107,7 @@ def test_unexpected_failure_puts_the_traceback_in_the_log_only(initialized, tmp_
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr("balance_sync.report.run_sync", broken)
+    monkeypatch.setattr("balance_sync.monitoring.report.run_sync", broken)
     log = tmp_path / "balsync.log"
     result = initialized("sync", "--log-file", str(log))
     assert result.exit_code == 5

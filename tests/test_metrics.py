@@ -10,7 +10,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from balance_sync.metrics import RunMetrics, previous_success, write_metrics
+from balance_sync.monitoring.metrics import RunMetrics, previous_success, write_metrics
 from tests.conftest import Balsync
 from tests.devservers import ValkeyServer
 from tests.netutil import closed_port
@@ -173,7 +173,7 @@ def test_unexpected_exception_is_reported_failed_and_exits_5(initialized, tmp_pa
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr("balance_sync.report.run_sync", broken)
+    monkeypatch.setattr("balance_sync.monitoring.report.run_sync", broken)
     path = tmp_path / "balsync.prom"
     result = initialized("sync", "--metrics-file", str(path))
     assert result.exit_code == 5

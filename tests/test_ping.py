@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from balance_sync import __version__
-from balance_sync.ping import mask_ping_url, ping_url, send
+from balance_sync.monitoring.ping import mask_ping_url, ping_url, send
 from tests.netutil import PingServer, closed_port, ping_server
 
 
@@ -72,7 +72,7 @@ def test_unexpected_exception_pings_exit_5(initialized, server, monkeypatch):
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr("balance_sync.report.run_sync", broken)
+    monkeypatch.setattr("balance_sync.monitoring.report.run_sync", broken)
     assert initialized("sync", "--ping-url", server.url).exit_code == 5
     assert server.routes() == [("GET", "/start"), ("POST", "/5")]
     assert server.hits[1].json()["error"] == "RuntimeError: injected"

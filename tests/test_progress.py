@@ -11,9 +11,9 @@ import sys
 import pytest
 import redis
 
-from balance_sync.estimate import expected_keys
+from balance_sync.ops.estimate import expected_keys
+from balance_sync.ops.sync import SyncOptions
 from balance_sync.settings import resolve_settings
-from balance_sync.sync import SyncOptions
 from balance_sync.writer import BalanceWriter
 
 KEYS = 6_000

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from balance_sync.metrics import RunMetrics, write_metrics
+from balance_sync.monitoring.metrics import RunMetrics, write_metrics
 from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,9 +17,9 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from balance_sync import retention
-from balance_sync.pg_store import Database
+from balance_sync.ops import retention
 from balance_sync.settings import DURATION_UNITS, TableName, duration_text, parse_duration
+from balance_sync.stores.postgres.database import Database
 from tests.conftest import Balsync
 from tests.test_metrics import Metrics
 

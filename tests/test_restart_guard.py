@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from balance_sync.errors import RedisChanged
+from balance_sync.ops.sync import SyncOptions, run_sync
 from balance_sync.settings import Settings
-from balance_sync.sync import SyncOptions, run_sync
 from tests.conftest import Balsync, balances
 from tests.devservers import ValkeyServer
 

@@ -8,9 +8,9 @@ import psycopg
 import pytest
 
 from balance_sync.errors import RedisUnavailable
-from balance_sync.pg_store import Database
-from balance_sync.session import table_session
+from balance_sync.ops.session import table_session
 from balance_sync.settings import Settings, TableName, resolve_settings
+from balance_sync.stores.postgres.database import Database
 from tests.devservers import free_port
 
 Pg = psycopg.Connection[tuple[object, ...]]

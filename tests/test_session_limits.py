@@ -16,9 +16,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from balance_sync import pg_store
-from balance_sync.pg_store import Database, RunLock
 from balance_sync.settings import TableName
+from balance_sync.stores.postgres import database as pg_store
+from balance_sync.stores.postgres.database import Database, RunLock
 from tests.conftest import Balsync
 from tests.devservers import free_port
 from tests.tools import require_tool
@@ -109,7 +109,7 @@ def test_a_refused_setting_is_logged_and_the_session_still_works(
     monkeypatch.setattr(pg_store, "SESSION_KEEPALIVES", {"tcp_keepalives_idle": "soon"})
     db = Database(database_url, retry_timeout=5)
     try:
-        with caplog.at_level(logging.WARNING, logger="balance_sync.pg_store"):
+        with caplog.at_level(logging.WARNING, logger="balance_sync.stores.postgres.database"):
             db.ping()
         assert "refused balsync's session limits" in caplog.text
         assert db.server_version()

@@ -18,8 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from balance_sync.pg_store import Database
-from balance_sync.schedule import (
+from balance_sync.ops.schedule import (
     BEGIN_MARKER,
     END_MARKER,
     CronEntry,
@@ -29,6 +28,7 @@ from balance_sync.schedule import (
     schedule_lines,
 )
 from balance_sync.settings import TableName
+from balance_sync.stores.postgres.database import Database
 from tests.conftest import Balsync
 from tests.devservers import free_port
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from balance_sync.systemd import parse_list_timers
+from balance_sync.ops.systemd import parse_list_timers
 from tests.conftest import Balsync
 
 HOURLY_NEXT = datetime(2026, 12, 1, 20, 0, tzinfo=UTC)

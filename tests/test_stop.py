@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 
 from balance_sync.errors import Stopped
-from balance_sync.redis_store import dirty_keys
+from balance_sync.ops.sync import BatchReport, SyncOptions, run_sync
 from balance_sync.settings import resolve_settings
 from balance_sync.stopping import StopRequest
-from balance_sync.sync import BatchReport, SyncOptions, run_sync
+from balance_sync.stores.redis.store import dirty_keys
 from balance_sync.writer import BalanceWriter
 from tests.conftest import Balsync, balances
 

@@ -22,9 +22,9 @@ from click.testing import Result
 from psycopg import sql
 
 import balance_sync
-from balance_sync.pg_store import Database, RunLock
+from balance_sync.ops.sync import _Batcher
 from balance_sync.settings import TableName, resolve_settings
-from balance_sync.sync import _Batcher
+from balance_sync.stores.postgres.database import Database, RunLock
 from balance_sync.validation import InvalidRecord
 from tests.conftest import Balsync, sync_json_keys
 

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 import balance_sync
 from balance_sync.errors import PostgresUnavailable
-from balance_sync.redis_store import adjustment_key, dirty_keys
+from balance_sync.ops.sync import SyncOptions, run_sync
 from balance_sync.settings import resolve_settings
-from balance_sync.sync import SyncOptions, run_sync
+from balance_sync.stores.redis.store import adjustment_key, dirty_keys
 from balance_sync.writer import (
     BalanceInvalid,
     BalanceMissing,
@@ -413,7 +413,7 @@ def test_the_writer_imports_none_of_the_cli(tmp_path: Path):
     """A bot importing the writer, the sync and the settings loads no click, rich, croniter or
     prometheus_client."""
     code = (
-        "import sys, balance_sync.writer, balance_sync.sync, balance_sync.settings; "
+        "import sys, balance_sync.writer, balance_sync.ops.sync, balance_sync.settings; "
         "print(sorted(m for m in ('click', 'rich', 'croniter', 'prometheus_client') "
         "if m in sys.modules))"
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from balance_sync.errors import ConfigError
-from balance_sync.pg_store import Database, SkippedRecord
 from balance_sync.settings import Settings
+from balance_sync.stores.postgres.database import Database, SkippedRecord
 
 DEFAULT_LIMIT = 100
 

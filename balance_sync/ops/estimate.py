@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from balance_sync.pg_store import Database
-from balance_sync.redis_store import RedisStore
+from balance_sync.ops.sync import SyncOptions
 from balance_sync.settings import Settings
-from balance_sync.sync import SyncOptions
+from balance_sync.stores.postgres.database import Database
+from balance_sync.stores.redis.store import RedisStore
 
 log = logging.getLogger(__name__)
 

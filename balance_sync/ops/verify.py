@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
-from balance_sync.pg_store import Database, TargetTable, text_of
-from balance_sync.redis_store import Page, RedisStore
 from balance_sync.settings import Settings
+from balance_sync.stores.postgres.database import Database, TargetTable, text_of
+from balance_sync.stores.redis.store import Page, RedisStore
 from balance_sync.validation import InvalidRecord, validate
 
 log = logging.getLogger(__name__)

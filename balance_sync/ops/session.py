@@ -12,9 +12,9 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from balance_sync.pg_store import Database, RunLock, TargetTable
-from balance_sync.redis_store import RedisStore
 from balance_sync.settings import Settings
+from balance_sync.stores.postgres.database import Database, RunLock, TargetTable
+from balance_sync.stores.redis.store import RedisStore
 
 LOCK_HELD = "another run holds the lock"
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from balance_sync.errors import BalsyncError, PostgresUnavailable, RedisUnavailable
-from balance_sync.logs import RUN_CONTEXT
-from balance_sync.metrics import RunMetrics, write_metrics
-from balance_sync.ping import send
+from balance_sync.monitoring.logs import RUN_CONTEXT
+from balance_sync.monitoring.metrics import RunMetrics, write_metrics
+from balance_sync.monitoring.ping import send
+from balance_sync.ops.sync import BatchReport, SyncOptions, SyncResult, run_sync
 from balance_sync.settings import Settings, mask_text
-from balance_sync.sync import BatchReport, SyncOptions, SyncResult, run_sync
 
 UNEXPECTED_EXIT = 5
 

@@ -35,17 +35,17 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from balance_sync.cache import READ_THROUGH, ClearResult
-from balance_sync.health import HealthReport, format_duration
-from balance_sync.pg_store import Conflict, RunRecord
-from balance_sync.restore import RestoreResult
-from balance_sync.retention import BookkeepingSize, PruneResult, format_bytes
-from balance_sync.schedule import ScheduleChange
-from balance_sync.skipped import SkippedListing
-from balance_sync.stats import StatsReport
-from balance_sync.status import StatusReport
-from balance_sync.sync import BatchReport, SyncResult
-from balance_sync.verify import VerifyResult, money_text
+from balance_sync.ops.clear_cache import READ_THROUGH, ClearResult
+from balance_sync.ops.health import HealthReport, format_duration
+from balance_sync.ops.restore import RestoreResult
+from balance_sync.ops.retention import BookkeepingSize, PruneResult, format_bytes
+from balance_sync.ops.schedule import ScheduleChange
+from balance_sync.ops.skipped import SkippedListing
+from balance_sync.ops.stats import StatsReport
+from balance_sync.ops.status import StatusReport
+from balance_sync.ops.sync import BatchReport, SyncResult
+from balance_sync.ops.verify import VerifyResult, money_text
+from balance_sync.stores.postgres.database import Conflict, RunRecord
 
 _STATUS_STYLE = {
     "in_sync": "green",
@@ -191,7 +191,7 @@ class KeysColumn(ProgressColumn):
 class SyncProgress:
     """A progress bar on stderr while a sync runs; a no-op when stderr is no terminal.
 
-    With an estimated `total` (the CLI sets it, see balance_sync.estimate) it shows the
+    With an estimated `total` (the CLI sets it, see balance_sync.ops.estimate) it shows the
     percentage and the time left; a run that reads more than estimated raises the total as
     it goes, so the bar never passes 100%.
     """

@@ -18,8 +18,12 @@ from operator import itemgetter
 from typing import Literal
 
 from balance_sync.errors import BalsyncError, PostgresUnavailable
-from balance_sync.logs import begin_run, bind_run_id
-from balance_sync.pg_store import (
+from balance_sync.monitoring.logs import begin_run, bind_run_id
+from balance_sync.ops.retention import prune_after_sync
+from balance_sync.restart_guard import RestartGuard
+from balance_sync.settings import Settings, TableName, mask_text
+from balance_sync.stopping import StopRequest
+from balance_sync.stores.postgres.database import (
     BalanceType,
     BatchCounts,
     Conflict,
@@ -29,11 +33,7 @@ from balance_sync.pg_store import (
     RunLock,
     TargetTable,
 )
-from balance_sync.redis_store import RedisStore
-from balance_sync.restart_guard import RestartGuard
-from balance_sync.retention import prune_after_sync
-from balance_sync.settings import Settings, TableName, mask_text
-from balance_sync.stopping import StopRequest
+from balance_sync.stores.redis.store import RedisStore
 from balance_sync.validation import (
     InvalidRecord,
     ValidRecord,

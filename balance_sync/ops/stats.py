@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-from balance_sync.pg_store import Database, RunRecord, RunWindow
-from balance_sync.redis_store import RedisStore
-from balance_sync.retention import BookkeepingSize, bookkeeping_size
+from balance_sync.ops.retention import BookkeepingSize, bookkeeping_size
 from balance_sync.settings import Settings
+from balance_sync.stores.postgres.database import Database, RunRecord, RunWindow
+from balance_sync.stores.redis.store import RedisStore
 
 DEFAULT_RUNS = 10
 WINDOW_HOURS = 24

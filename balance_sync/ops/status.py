@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from balance_sync.errors import RedisUnavailable
-from balance_sync.pg_store import Database, LockHolder, RunRecord
-from balance_sync.redis_store import RedisStore
+from balance_sync.ops.schedule import Crontab, InstalledSchedule, installed_schedule
+from balance_sync.ops.systemd import Systemctl, Timer
 from balance_sync.restart_guard import restart_pending
-from balance_sync.schedule import Crontab, InstalledSchedule, installed_schedule
 from balance_sync.settings import Settings
-from balance_sync.systemd import Systemctl, Timer
+from balance_sync.stores.postgres.database import Database, LockHolder, RunRecord
+from balance_sync.stores.redis.store import RedisStore
 
 NEXT_RUNS = 3
 

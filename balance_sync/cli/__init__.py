@@ -21,19 +21,26 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from balance_sync import __version__, render
-from balance_sync.cache import READ_THROUGH, ClearOptions, ClearResult, clear_cache
+from balance_sync import __version__
+from balance_sync.cli import render
 from balance_sync.errors import BalsyncError, ConfigError
-from balance_sync.estimate import expected_keys
-from balance_sync.health import DEFAULT_MAX_AGE, check_health
-from balance_sync.logs import EXIT_CODE, FILE_ONLY, LOGGER, begin_run, setup_logging
-from balance_sync.pg_store import Database, OnConflict
-from balance_sync.report import SyncFailure, failed_json, failed_result, run_reported
-from balance_sync.restore import RestoreOptions, parse_ids, run_restore
-from balance_sync.retention import PruneOptions, run_prune
-from balance_sync.schedule import Crontab, ScheduleChange, balsync_command, schedule_lines
-from balance_sync.schedule import install as install_schedule
-from balance_sync.schedule import uninstall as uninstall_schedule
+from balance_sync.monitoring.logs import EXIT_CODE, FILE_ONLY, LOGGER, begin_run, setup_logging
+from balance_sync.monitoring.report import SyncFailure, failed_json, failed_result, run_reported
+from balance_sync.ops.clear_cache import READ_THROUGH, ClearOptions, ClearResult, clear_cache
+from balance_sync.ops.estimate import expected_keys
+from balance_sync.ops.health import DEFAULT_MAX_AGE, check_health
+from balance_sync.ops.restore import RestoreOptions, parse_ids, run_restore
+from balance_sync.ops.retention import PruneOptions, run_prune
+from balance_sync.ops.schedule import Crontab, ScheduleChange, balsync_command, schedule_lines
+from balance_sync.ops.schedule import install as install_schedule
+from balance_sync.ops.schedule import uninstall as uninstall_schedule
+from balance_sync.ops.skipped import DEFAULT_LIMIT as SKIPPED_LIMIT
+from balance_sync.ops.skipped import list_skipped
+from balance_sync.ops.stats import DEFAULT_RUNS, collect_stats
+from balance_sync.ops.status import collect_status
+from balance_sync.ops.sync import DEFAULT_BATCH_SIZE, DEFAULT_MIN_INTERVAL, SyncOptions
+from balance_sync.ops.systemd import Systemctl
+from balance_sync.ops.verify import DEFAULT_LIMIT, VerifyOptions, run_verify
 from balance_sync.settings import (
     SETTING_ENV,
     Settings,
@@ -42,14 +49,8 @@ from balance_sync.settings import (
     parse_duration,
     resolve_settings,
 )
-from balance_sync.skipped import DEFAULT_LIMIT as SKIPPED_LIMIT
-from balance_sync.skipped import list_skipped
-from balance_sync.stats import DEFAULT_RUNS, collect_stats
-from balance_sync.status import collect_status
 from balance_sync.stopping import StopRequest
-from balance_sync.sync import DEFAULT_BATCH_SIZE, DEFAULT_MIN_INTERVAL, SyncOptions
-from balance_sync.systemd import Systemctl
-from balance_sync.verify import DEFAULT_LIMIT, VerifyOptions, run_verify
+from balance_sync.stores.postgres.database import Database, OnConflict
 
 log = logging.getLogger(LOGGER)
 F = TypeVar("F", bound=Callable[..., Any])

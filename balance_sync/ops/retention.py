@@ -23,7 +23,9 @@ from datetime import datetime
 from typing import Literal
 
 from balance_sync.errors import SchemaMissing
-from balance_sync.pg_store import (
+from balance_sync.ops.session import LOCK_HELD
+from balance_sync.settings import Settings, duration_text
+from balance_sync.stores.postgres.database import (
     AGED_CHILDREN,
     RUN_CHILDREN,
     Bookkeeping,
@@ -32,8 +34,6 @@ from balance_sync.pg_store import (
     TableSize,
     bookkeeping_sizes,
 )
-from balance_sync.session import LOCK_HELD
-from balance_sync.settings import Settings, duration_text
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
-from balance_sync.retention import PRUNED_TABLES
-from balance_sync.sync import Status
+from balance_sync.ops.retention import PRUNED_TABLES
+from balance_sync.ops.sync import Status
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""What a run tells the world besides its result: logs, metrics, pings."""

@@ -1,0 +1,1 @@
+"""One module per operation the CLI offers; each returns a typed result and never prints."""

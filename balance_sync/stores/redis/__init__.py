@@ -1,0 +1,1 @@
+"""Redis, where the application keeps balances hot."""
