@@ -117,7 +117,7 @@ def test_build_stage_installs_a_working_balsync(tmp_path):
     )
     package = Path(installed.stdout.strip()).parent
     assert package.is_relative_to(venv)
-    assert list((package / "__pycache__").glob("cli.*.pyc"))
+    assert list((package / "cli" / "__pycache__").glob("__init__.*.pyc"))
 
 
 def test_image_runs_balsync_as_the_manifests_command():
