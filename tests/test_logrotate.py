@@ -19,7 +19,7 @@ from tests.tools import require_tool
 CONFIG = ROOT / "deploy" / "logrotate" / "balsync"
 KEYS = 20_000
 BATCH = 100
-BATCH_LINE = re.compile(r" DEBUG balance_sync\.sync batch (\d+): ")
+BATCH_LINE = re.compile(r" DEBUG balance_sync\.ops\.sync batch (\d+): ")
 # The file format of --log-format text: time, pid, level, logger, message.
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \d+ [A-Z]+ [\w.]+ .*")
 

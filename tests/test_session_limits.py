@@ -197,7 +197,8 @@ def test_a_hung_runs_lock_ends_with_its_idle_session_and_a_live_run_takes_it_bac
         assert lock.acquire(0)
         first = db.backend_pid
         assert settings_of(db)["idle_session_timeout"] == "1000"
-        held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1650551923"
+        held = """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1650551923
+                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
         assert pg.execute(held).fetchone() == (1,)
         time.sleep(2.5)
         assert pg.execute(held).fetchone() == (0,)  # the server ended the quiet session
