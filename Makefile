@@ -37,8 +37,8 @@ demo: install ## start local servers in .demo/, seed 100 000 balances, init-db, 
 demo-stop: ## stop the demo's servers
 	@$(BIN)/python -m tests.devservers stop $(DEMO)
 
-test: install ## run the test suite (real servers: BALSYNC_TEST_* URLs, else embedded ones)
-	$(BIN)/pytest -m "not faults" --durations=15 $(PYTEST_ARGS)
+test: install ## run the test suite with branch coverage (real servers: BALSYNC_TEST_* URLs, else embedded ones)
+	$(BIN)/pytest -m "not faults" --cov --cov-report=term --durations=15 $(PYTEST_ARGS)
 
 test-faults: install ## run the fault-injection suite alone (starts its own servers)
 	$(BIN)/pytest -m faults $(PYTEST_ARGS)
