@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import redis
 
-from balance_sync import cli as cli_module
+from balance_sync.cli.commands import cache as cache_commands
 from balance_sync.ops.clear_cache import ClearOptions, clear_cache
 from balance_sync.settings import TableName, resolve_settings
 from balance_sync.stores.postgres.database import Database, TargetTable
@@ -72,7 +72,7 @@ def _json(result: object) -> dict[str, object]:
 @pytest.fixture
 def terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stdin is a terminal, as when a person runs the command."""
-    monkeypatch.setattr(cli_module, "stdin_is_terminal", lambda: True)
+    monkeypatch.setattr(cache_commands, "stdin_is_terminal", lambda: True)
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-import balance_sync.cli
-from balance_sync.cli import SETTING_OPTIONS, SettingOption, cli, setting_default
+import balance_sync.cli.options
+from balance_sync.cli import cli
+from balance_sync.cli.options import SETTING_OPTIONS, SettingOption, setting_default
 from balance_sync.settings import SETTING_ENV, Settings, resolve_settings
 from tests.conftest import Balsync
 
@@ -97,7 +98,7 @@ def test_a_command_offers_exactly_the_settings_it_reads(
     """Every setting option of a command is read when it runs (none accepted and ignored),
     and every setting it reads is an option of it (SPEC: each setting is an option)."""
     recorder = _Recorder()
-    monkeypatch.setattr(balance_sync.cli, "resolve_settings", recorder)
+    monkeypatch.setattr(balance_sync.cli.options, "resolve_settings", recorder)
     # sync: with both monitoring outputs set, so that reading one does not hide the other
     env = {"BALSYNC_METRICS_FILE": str(tmp_path / "m.prom")} if name == "sync" else {}
     result = synced(name, *RUNS[name], env=env)

@@ -70,11 +70,14 @@ class InstalledSchedule:
     next_runs: tuple[FireTime, ...] = ()
 
 
+ScheduleAction = Literal["print", "install", "uninstall"]
+
+
 @dataclass(frozen=True)
 class ScheduleChange:
     """What `balsync schedule` printed, installed or removed."""
 
-    action: Literal["print", "install", "uninstall"]
+    action: ScheduleAction
     lines: tuple[str, ...]
     changed: bool = False
     unmanaged: tuple[str, ...] = ()  # balsync lines outside the block: each run would double
@@ -204,6 +207,24 @@ def uninstall(crontab: Crontab, lines: Sequence[str]) -> ScheduleChange:
         del outside[at - 1]  # the blank line `install` put before the block
     crontab.write(_join(outside))
     return ScheduleChange("uninstall", tuple(lines), True, _unmanaged(outside))
+
+
+def change_schedule(
+    crontab: Crontab,
+    action: ScheduleAction,
+    argv0: str,
+    log_file: Path | None,
+) -> ScheduleChange:
+    """balsync's lines for this installation (`argv0`), printed only, installed or removed.
+
+    Raises CrontabError when the crontab command fails or the crontab's block is broken.
+    """
+    lines = schedule_lines(balsync_command(argv0), log_file)
+    if action == "install":
+        return install(crontab, lines)
+    if action == "uninstall":
+        return uninstall(crontab, lines)
+    return ScheduleChange("print", lines)
 
 
 def balsync_entries(text: str) -> list[CronEntry]:

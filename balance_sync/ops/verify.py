@@ -131,6 +131,12 @@ class VerifyResult:
         }
 
 
+def failed_json() -> dict[str, object]:
+    """The command's JSON object when the comparison could not finish: no figures, no examples."""
+    empty = VerifyResult().to_json()
+    return {**dict.fromkeys(empty), "status": "failed", "examples": empty["examples"]}
+
+
 def money_text(amount: Decimal) -> str:
     """An exact amount in fixed-point notation with at least two decimals, never rounded."""
     exponent = amount.as_tuple().exponent
