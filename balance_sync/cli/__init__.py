@@ -50,7 +50,7 @@ from balance_sync.settings import (
     resolve_settings,
 )
 from balance_sync.stopping import StopRequest
-from balance_sync.stores.postgres.database import Database, OnConflict
+from balance_sync.stores.postgres import Database, Ledger, OnConflict, Schema
 
 log = logging.getLogger(LOGGER)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -392,7 +392,7 @@ def init_db(*, settings: Settings, output: Output) -> int:
     """
     db = Database(settings.database_url, settings.retry_timeout)
     try:
-        created = db.init_db(settings)
+        created = Schema(db).init_db(settings)
     finally:
         db.close()
     if output.json:
@@ -587,8 +587,8 @@ def conflicts(*, settings: Settings, output: Output, run_id: int | None, limit: 
     """
     db = Database(settings.database_url, settings.retry_timeout)
     try:
-        db.require_schema()
-        chosen, found = db.conflicts(settings.table, run_id, limit)
+        Schema(db).require_schema()
+        chosen, found = Ledger(db).conflicts(settings.table, run_id, limit)
     finally:
         db.close()
     if output.json:

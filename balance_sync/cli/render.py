@@ -45,7 +45,7 @@ from balance_sync.ops.stats import StatsReport
 from balance_sync.ops.status import StatusReport
 from balance_sync.ops.sync import BatchReport, SyncResult
 from balance_sync.ops.verify import VerifyResult, money_text
-from balance_sync.stores.postgres.database import Conflict, RunRecord
+from balance_sync.stores.postgres import Conflict, RunRecord
 
 _STATUS_STYLE = {
     "in_sync": "green",
