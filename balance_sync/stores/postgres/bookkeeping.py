@@ -20,7 +20,7 @@ RETENTION_INDEXES = ("skipped_records_recorded", "conflicts_recorded")  # see _B
 
 # The runs of a target table that are never pruned, whatever their age: the ones health,
 # stats, status, `--min-interval`, the restart guard and the default views of `skipped`
-# and `conflicts` read (the queries above that they use pick them the same way).
+# and `conflicts` read (the queries of ledger.py that they use pick them the same way).
 _KEPT_RUNS: LiteralString = """
     SELECT id FROM balsync.sync_runs WHERE target_table = %(table)s AND status = 'running'
     UNION SELECT max(id) FROM balsync.sync_runs WHERE target_table = %(table)s GROUP BY status

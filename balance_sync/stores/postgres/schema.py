@@ -16,7 +16,7 @@ from balance_sync.stores.postgres.connection import Connection, Part, _first_lin
 from balance_sync.validation import MAX_INTEGER_DIGITS, redis_value
 
 SCHEMA = "balsync"
-_INIT_LOCK = 1650551924  # serialises concurrent `init-db`; next to the table locks' class
+_INIT_LOCK = 1650551924  # serialises concurrent `init-db`; the key after lock.LOCK_CLASS
 
 # sync_runs.target_table as a regclass: `name` or `schema.name`, each part as written.
 _QUOTED_RUN_TABLE: LiteralString = """CASE WHEN strpos(r.target_table, '.') > 0
