@@ -16,7 +16,7 @@ from typing import Protocol
 
 from balance_sync.errors import RedisChanged
 from balance_sync.settings import TableName
-from balance_sync.stores.postgres.database import Database, TargetTable, Trust
+from balance_sync.stores.postgres import Database, Memory, RedisTrust, Schema, TargetTable, Trust
 from balance_sync.stores.redis.store import Identity, RedisStore, trust_marker
 
 log = logging.getLogger(__name__)
@@ -107,13 +107,14 @@ class RestartGuard:
         """Compare the Redis this run reads with the trusted one; trust it where that is free."""
         table = target.table
         # Only a dry run comes here without the schema: nothing is persisted, nothing lost.
-        schema = not options.dry_run or control.schema_present()
+        schema = not options.dry_run or Schema(control).schema_present()
         marker = trust_marker(key_prefix, control.key(table))
         identity = redis.identity(marker)
-        trusted = control.trusted_redis(table) if schema else None
-        found = assess(identity, trusted, schema and control.remembers_any(table, key_prefix))
+        trusted = RedisTrust(control).trusted_redis(table) if schema else None
+        remembered = schema and Memory(control).remembers_any(table, key_prefix)
+        found = assess(identity, trusted, remembered)
         if found.pending and run_id is not None:
-            control.record_seen(run_id, identity.seen)
+            RedisTrust(control).record_seen(run_id, identity.seen)
         if found.pending and options.accept_redis_restart:
             found = _accepted(control, table, identity, run_id)
         guard = cls(redis, control, target, options, marker, key_prefix, identity, found)
@@ -122,7 +123,7 @@ class RestartGuard:
         if found.pending and not options.dry_run:
             # This run commits values from a server no history vouches for: from now on only
             # a full scan or the operator may trust again, never a replication offset.
-            control.forget_history(table)
+            Memory(control).forget_history(table)
         if found.pending:
             log.warning(
                 "Redis restart pending: the server read (run_id %s…) is not the one balsync "
@@ -143,7 +144,7 @@ class RestartGuard:
         if (now.run_id, now.replid, now.flushes) != (judged.run_id, judged.replid, judged.flushes):
             raise _changed(judged, now)
         self.identity = now
-        self.control.trust_redis(
+        RedisTrust(self.control).trust_redis(
             self.target.table,
             Trust(now.run_id, now.replid or None, now.offset, token, now.flushes),
             reason,
@@ -170,7 +171,7 @@ class RestartGuard:
         """At the end of a run: the server is still the one it read, and that is recorded."""
         position = self.check()
         if position is not None and not self.options.dry_run:
-            self.control.record_read(self.target.table, position)
+            Memory(self.control).record_read(self.target.table, position)
 
     def conclude(self, held: int, run_id: int | None) -> tuple[bool, int]:
         """After a run that finished, with `held` rows held back: trust the new Redis if
@@ -180,7 +181,7 @@ class RestartGuard:
             return False, 0
         if self.options.dry_run or not self.options.full_scan or run_id is None:
             return True, 0  # an incremental or dry run reads too little, or writes nothing
-        missing = self.control.missing_after_restart(self.target, run_id, self.key_prefix)
+        missing = Memory(self.control).missing_after_restart(self.target, run_id, self.key_prefix)
         if missing or (held and not self.assessment.verify_only):
             return True, missing
         self.check()
@@ -210,7 +211,7 @@ def _accepted(
 ) -> Assessment:
     """--accept-redis-restart, for the server the operator saw: where a run has held rows
     since balsync last trusted Redis, the server that run read."""
-    seen = control.last_seen_redis(table, run_id)
+    seen = RedisTrust(control).last_seen_redis(table, run_id)
     if seen is not None and seen != identity.seen:
         log.warning(
             "--accept-redis-restart ignored: Redis (run_id %s…) is not the server the last "
@@ -224,4 +225,5 @@ def _accepted(
 def restart_pending(redis: RedisStore, db: Database, table: TableName, key_prefix: str) -> bool:
     """For operator views: True while the Redis answering now is not the trusted one."""
     identity = redis.identity(trust_marker(key_prefix, db.key(table)))
-    return assess(identity, db.trusted_redis(table), db.remembers_any(table, key_prefix)).pending
+    trusted = RedisTrust(db).trusted_redis(table)
+    return assess(identity, trusted, Memory(db).remembers_any(table, key_prefix)).pending

@@ -40,7 +40,7 @@ from balance_sync.errors import (
     PostgresUnavailable,
 )
 from balance_sync.settings import DEFAULT_TABLE, TableName, mask_url
-from balance_sync.stores.postgres.database import balance_lookup, looked_up_balance
+from balance_sync.stores.postgres import balance_lookup, looked_up_balance
 from balance_sync.stores.redis.store import (
     Adjustment,
     AdjustReply,

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from balance_sync.stores.postgres import database as pg_store
+from balance_sync.stores.postgres import connection as pg_connection
 
 T = TypeVar("T")
 DEADLINE = 2.0  # one attempt's deadline in these tests: MIN_ATTEMPT_DEADLINE and --retry-timeout
@@ -29,7 +29,7 @@ HANG = 45.0  # the hard timeout that turns a hang into a failure
 
 def short_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make one unanswered attempt end after DEADLINE seconds instead of 30."""
-    monkeypatch.setattr(pg_store, "MIN_ATTEMPT_DEADLINE", DEADLINE)
+    monkeypatch.setattr(pg_connection, "MIN_ATTEMPT_DEADLINE", DEADLINE)
 
 
 class TableLock:

@@ -14,7 +14,7 @@ import redis
 from balance_sync.cli.commands import cache as cache_commands
 from balance_sync.ops.clear_cache import ClearOptions, clear_cache
 from balance_sync.settings import TableName, resolve_settings
-from balance_sync.stores.postgres.database import Database, TargetTable
+from balance_sync.stores.postgres import Database, Reads, TableLock, TargetTable
 from balance_sync.stores.redis.store import RedisStore
 from tests.devservers import ValkeyServer, free_port
 
@@ -190,17 +190,17 @@ def test_a_balance_written_between_read_and_delete_survives(
     """The application writes while PostgreSQL is read: the new balance stays in Redis."""
     _rows(pg, {1: "10.00", 2: "20.00"})
     rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "20.00"})
-    fetch = Database.persisted_balances
+    fetch = Reads.persisted_balances
 
     def fetch_then_app_writes(
-        self: Database, target: TargetTable, ids: Sequence[int]
+        self: Reads, target: TargetTable, ids: Sequence[int]
     ) -> dict[int, Decimal | None]:
         found = fetch(self, target, ids)
         if 1 in ids:  # key 1 was read in this page; the bot credits user 1 right now
             rds.set(f"{key_prefix}1", "11.00")
         return found
 
-    monkeypatch.setattr(Database, "persisted_balances", fetch_then_app_writes)
+    monkeypatch.setattr(Reads, "persisted_balances", fetch_then_app_writes)
     data = _json(initialized("clear-cache", "--yes", "--json"))
     assert data["deleted"] == 1
     assert data["kept_by_reason"] == {**NO_KEPT, "changed": 1}
@@ -309,7 +309,7 @@ def test_skips_while_a_sync_holds_the_table_lock(initialized, rds, pg, key_prefi
     before = _keys(rds, key_prefix)
     holder = Database(database_url, retry_timeout=5)
     try:
-        assert holder.try_lock(TableName("user_balances"), 0)
+        assert TableLock(holder).try_lock(TableName("user_balances"), 0)
         result = initialized("clear-cache", "--yes", "--json")
         human = initialized("clear-cache", "--yes")
     finally:
@@ -387,10 +387,10 @@ def test_stops_without_deleting_when_a_sync_takes_the_lock_mid_run(
     _rows(pg, {1: "1.00"})
     rds.set(f"{key_prefix}1", "1.00")
     thief = Database(database_url, retry_timeout=5)
-    fetch = Database.persisted_balances
+    fetch = Reads.persisted_balances
 
     def fetch_then_lose_the_lock(
-        self: Database, target: TargetTable, ids: Sequence[int]
+        self: Reads, target: TargetTable, ids: Sequence[int]
     ) -> dict[int, Decimal | None]:
         found = fetch(self, target, ids)
         if 1 not in ids:  # SCAN's page held none of this test's keys
@@ -401,10 +401,10 @@ def test_stops_without_deleting_when_a_sync_takes_the_lock_mid_run(
                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
         ).fetchall()
         assert killed == [(True,)]
-        assert thief.try_lock(TableName("user_balances"), 0)
+        assert TableLock(thief).try_lock(TableName("user_balances"), 0)
         return found
 
-    monkeypatch.setattr(Database, "persisted_balances", fetch_then_lose_the_lock)
+    monkeypatch.setattr(Reads, "persisted_balances", fetch_then_lose_the_lock)
     try:
         result = initialized("clear-cache", "--yes")
     finally:

@@ -19,7 +19,7 @@ from balance_sync import __version__
 from balance_sync.cli import cli
 from balance_sync.monitoring.logs import LOGGER
 from balance_sync.settings import TableName
-from balance_sync.stores.postgres.database import Database
+from balance_sync.stores.postgres import Database, TableLock
 from tests.conftest import Balsync, balances, sync_json_keys
 from tests.devservers import free_port
 
@@ -379,7 +379,7 @@ def test_json_skipped_when_another_run_holds_the_lock(
     rds.set(f"{key_prefix}1", "10.00")
     other_run = Database(database_url, 5)
     try:
-        assert other_run.try_lock(TableName("user_balances"), 0)
+        assert TableLock(other_run).try_lock(TableName("user_balances"), 0)
         result = initialized("sync", "--json")
     finally:
         other_run.close()

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from balance_sync.stores.postgres import database as pg_store
-from balance_sync.stores.postgres.database import LOCK_CLASS
+from balance_sync.stores.postgres import LOCK_CLASS
+from balance_sync.stores.postgres import connection as pg_connection
 from tests.conftest import Balsync
 
 WATCHDOG = 2.0  # seconds one statement may go unanswered in these tests
@@ -27,7 +27,7 @@ HOLD = 3 * WATCHDOG  # how long "the hourly run" holds the table
 @pytest.fixture(autouse=True)
 def short_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
     """The watchdog cuts a statement after WATCHDOG seconds (the retry budget is below it)."""
-    monkeypatch.setattr(pg_store, "MIN_ATTEMPT_DEADLINE", WATCHDOG)
+    monkeypatch.setattr(pg_connection, "MIN_ATTEMPT_DEADLINE", WATCHDOG)
 
 
 @contextmanager

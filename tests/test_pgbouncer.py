@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import redis
 
-from balance_sync.stores.postgres.database import LOCK_CLASS
+from balance_sync.stores.postgres import LOCK_CLASS
 from balance_sync.writer import BalanceWriter
 from tests.conftest import Balsync, balances
 from tests.pgbouncer import PgBouncer

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from balance_sync.ops import retention
 from balance_sync.settings import DURATION_UNITS, TableName, duration_text, parse_duration
-from balance_sync.stores.postgres.database import Database
+from balance_sync.stores.postgres import Database, Ledger, RedisTrust, TableLock
 from tests.conftest import Balsync
 from tests.test_metrics import Metrics
 
@@ -123,18 +123,21 @@ class Guards:
 def guards(database_url: str) -> Guards:
     """Read them the way health, stats, status, sync, `skipped` and `conflicts` do."""
     db = Database(database_url, 5)
+    runs = Ledger(db)
     try:
-        last = db.last_success(TABLE)
-        running = db.running_run(TABLE)
-        skipped_run = db.newest_skipping_run(TABLE)
+        last = runs.last_success(TABLE)
+        running = runs.running_run(TABLE)
+        skipped_run = runs.newest_skipping_run(TABLE)
         return Guards(
             last_success=None if last is None else last.id,
-            trusted_redis=(trust.redis_id if (trust := db.trusted_redis(TABLE)) else None),
+            trusted_redis=(
+                trust.redis_id if (trust := RedisTrust(db).trusted_redis(TABLE)) else None
+            ),
             running=None if running is None else running.id,
-            conflicts=db.conflicts(TABLE, None, 1000),  # type: ignore[arg-type]
+            conflicts=runs.conflicts(TABLE, None, 1000),  # type: ignore[arg-type]
             skipped_run=skipped_run,
-            skipped=db.skipped_records(skipped_run, 1000) if skipped_run else (0, []),  # type: ignore[arg-type]
-            newest_runs=[(run.id, run.status) for run in db.recent_runs(TABLE, 10)],
+            skipped=runs.skipped_records(skipped_run, 1000) if skipped_run else (0, []),  # type: ignore[arg-type]
+            newest_runs=[(run.id, run.status) for run in runs.recent_runs(TABLE, 10)],
         )
     finally:
         db.close()
@@ -285,7 +288,7 @@ def test_prune_skips_when_another_run_holds_the_lock(
     before = counts(pg)
     other_run = Database(database_url, 5)
     try:
-        assert other_run.try_lock(TABLE, 0)
+        assert TableLock(other_run).try_lock(TABLE, 0)
         data = prune_json(initialized)
         human = initialized.ok("prune")
     finally:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from balance_sync.ops.restore import RestoreOptions, parse_ids, run_restore
 from balance_sync.settings import TableName, resolve_settings
-from balance_sync.stores.postgres.database import Database
+from balance_sync.stores.postgres import Database, TableLock
 from balance_sync.stores.redis.store import RedisStore
 from balance_sync.validation import parse_balance, redis_value
 from tests.devservers import ValkeyServer, free_port
@@ -194,7 +194,7 @@ def test_skips_while_another_run_holds_the_table_lock(
     _rows(pg, {1: "1.00"})
     holder = Database(database_url, retry_timeout=5)
     try:
-        assert holder.try_lock(TableName("user_balances"), 0)
+        assert TableLock(holder).try_lock(TableName("user_balances"), 0)
         result = initialized("restore", "--json")
         human = initialized("restore")
     finally:

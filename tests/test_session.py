@@ -10,7 +10,7 @@ import pytest
 from balance_sync.errors import RedisUnavailable
 from balance_sync.ops.session import table_session
 from balance_sync.settings import Settings, TableName, resolve_settings
-from balance_sync.stores.postgres.database import Database
+from balance_sync.stores.postgres import Database, Schema, TableLock
 from tests.devservers import free_port
 
 Pg = psycopg.Connection[tuple[object, ...]]
@@ -20,7 +20,7 @@ TABLE = TableName("user_balances")
 def _lock_is_free(database_url: str) -> bool:
     probe = Database(database_url, retry_timeout=5)
     try:
-        return probe.try_lock(TABLE, 0)
+        return TableLock(probe).try_lock(TABLE, 0)
     finally:
         probe.close()
 
@@ -70,7 +70,7 @@ def test_says_why_to_skip_while_another_run_holds_the_lock(initialized, settings
     """The lock is tried without waiting; held elsewhere, the session says so and holds none."""
     holder = Database(database_url, retry_timeout=5)
     try:
-        assert holder.try_lock(TABLE, 0)
+        assert TableLock(holder).try_lock(TABLE, 0)
         with table_session(settings, take_lock=True) as session:
             assert (session.lock, session.skip_reason) == (None, "another run holds the lock")
     finally:
@@ -92,7 +92,7 @@ def test_the_balsync_schema_is_not_required(settings, pg, database_url):
     pg.execute("CREATE TABLE user_balances (telegram_id bigint PRIMARY KEY, balance numeric)")
     with table_session(settings, take_lock=True) as session:
         assert session.lock is not None
-        assert not session.control.schema_present()
+        assert not Schema(session.control).schema_present()
 
 
 def test_redis_is_asked_before_postgresql(env):

@@ -17,8 +17,8 @@ import psycopg
 import pytest
 
 from balance_sync.settings import TableName
-from balance_sync.stores.postgres import database as pg_store
-from balance_sync.stores.postgres.database import Database, RunLock
+from balance_sync.stores.postgres import Database, RunLock
+from balance_sync.stores.postgres import connection as pg_connection
 from tests.conftest import Balsync
 from tests.devservers import free_port
 from tests.tools import require_tool
@@ -93,7 +93,9 @@ def test_a_setting_the_server_lacks_is_left_out(
 ) -> None:
     """An older server without one of the settings still gets the others."""
     monkeypatch.setattr(
-        pg_store, "SESSION_KEEPALIVES", {"no_such_setting": "1", **pg_store.SESSION_KEEPALIVES}
+        pg_connection,
+        "SESSION_KEEPALIVES",
+        {"no_such_setting": "1", **pg_connection.SESSION_KEEPALIVES},
     )
     db = Database(database_url, retry_timeout=5)
     try:
@@ -106,10 +108,10 @@ def test_a_refused_setting_is_logged_and_the_session_still_works(
     database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The limits shorten a dead run's hold; a server that refuses them still serves."""
-    monkeypatch.setattr(pg_store, "SESSION_KEEPALIVES", {"tcp_keepalives_idle": "soon"})
+    monkeypatch.setattr(pg_connection, "SESSION_KEEPALIVES", {"tcp_keepalives_idle": "soon"})
     db = Database(database_url, retry_timeout=5)
     try:
-        with caplog.at_level(logging.WARNING, logger="balance_sync.stores.postgres.database"):
+        with caplog.at_level(logging.WARNING, logger="balance_sync.stores.postgres.connection"):
             db.ping()
         assert "refused balsync's session limits" in caplog.text
         assert db.server_version()
@@ -189,8 +191,8 @@ def test_a_hung_runs_lock_ends_with_its_idle_session_and_a_live_run_takes_it_bac
     """idle_session_timeout (made 1 s here) ends a lock session that runs no statement, so
     the table's lock is free for the next run; a run that was only slow takes it again at
     its next batch, as after any reconnect."""
-    monkeypatch.setattr(pg_store, "MIN_ATTEMPT_DEADLINE", 0.1)
-    monkeypatch.setattr(pg_store, "MIN_IDLE_SESSION_S", 1.0)
+    monkeypatch.setattr(pg_connection, "MIN_ATTEMPT_DEADLINE", 0.1)
+    monkeypatch.setattr(pg_connection, "MIN_IDLE_SESSION_S", 1.0)
     db = Database(database_url, retry_timeout=0.1)
     lock = RunLock(db, TableName("user_balances"))
     try:
@@ -202,7 +204,7 @@ def test_a_hung_runs_lock_ends_with_its_idle_session_and_a_live_run_takes_it_bac
         assert pg.execute(held).fetchone() == (1,)
         time.sleep(2.5)
         assert pg.execute(held).fetchone() == (0,)  # the server ended the quiet session
-        monkeypatch.setattr(pg_store, "MIN_IDLE_SESSION_S", 900.0)
+        monkeypatch.setattr(pg_connection, "MIN_IDLE_SESSION_S", 900.0)
         db.retry_timeout, db.deadline = 5, 30  # the slow run's next batch, as usual
         assert lock.holder_pid() != first
         assert pg.execute(held).fetchone() == (1,)

@@ -28,7 +28,7 @@ from balance_sync.ops.schedule import (
     schedule_lines,
 )
 from balance_sync.settings import TableName
-from balance_sync.stores.postgres.database import Database
+from balance_sync.stores.postgres import Database, TableLock
 from tests.conftest import Balsync
 from tests.devservers import free_port
 
@@ -136,7 +136,7 @@ def test_a_running_sync_is_shown_with_its_lock_holder(
     running = add_run(pg, "running", host="worker-7", pid=4242)
     holder = Database(database_url, 5)  # takes the lock as a sync does
     try:
-        assert holder.try_lock(TableName("user_balances"), 0)
+        assert TableLock(holder).try_lock(TableName("user_balances"), 0)
         backend_pid = holder.backend_pid
         data = status_json(cron)
         out = cron.ok("status").stdout
@@ -167,7 +167,7 @@ def test_a_lock_on_another_table_is_not_a_running_sync(
     pg.execute("CREATE TABLE other_table (telegram_id bigint PRIMARY KEY, balance numeric)")
     other = Database(database_url, 5)
     try:
-        assert other.try_lock(TableName("other_table"), 0)
+        assert TableLock(other).try_lock(TableName("other_table"), 0)
         assert status_json(cron)["running"] is False
     finally:
         other.close()

@@ -24,7 +24,7 @@ from psycopg import sql
 import balance_sync
 from balance_sync.ops.sync import _Batcher
 from balance_sync.settings import TableName, resolve_settings
-from balance_sync.stores.postgres.database import Database, RunLock
+from balance_sync.stores.postgres import Database, Ledger, Merge, Reads, RunLock, Schema
 from balance_sync.validation import InvalidRecord
 from tests.conftest import Balsync, sync_json_keys
 
@@ -474,7 +474,7 @@ def test_ids_that_exist_during_a_first_sync_are_classified_as_usual(
     application inserted it after the run began) takes the usual path, and every inserted
     row is remembered: an outside change to it later is a conflict."""
     insert_rows(pg, {1: "1.00", 2: "5.00"})
-    monkeypatch.setattr(Database, "is_empty", lambda self, target: True)
+    monkeypatch.setattr(Reads, "is_empty", lambda self, target: True)
     seed(rds, key_prefix, {i: f"{i}.00" for i in range(1, 11)})
     data = sync_json(initialized)
     assert counts_of(data) == {
@@ -1098,11 +1098,11 @@ def test_a_retried_batch_is_never_applied_twice(initialized, env, key_prefix, pg
     invalid = [InvalidRecord(f"{key_prefix}6".encode(), b"1e3", "not a plain decimal")]
     db = Database(settings.database_url, settings.retry_timeout)
     try:
-        run_id = db.start_run(settings)
-        target = db.describe_target(settings)
+        run_id = Ledger(db).start_run(settings)
+        target = Schema(db).describe_target(settings)
 
         def apply() -> tuple[int, int, list[int]]:
-            counts = db.apply_batch(
+            counts = Merge(db).apply_batch(
                 target,
                 records,
                 invalid,
@@ -1134,7 +1134,7 @@ def test_a_retried_batch_is_never_applied_twice(initialized, env, key_prefix, pg
         assert ledger == [(1, 2, 2, 0)]
         assert len(skipped_records(pg, run_id)) == 1
         counters = dict.fromkeys(COUNTERS, 0)
-        db.finish_run(run_id, "success", counters, 0.1, None)
+        Ledger(db).finish_run(run_id, "success", counters, 0.1, None)
     finally:
         db.close()
     assert pg.execute(

@@ -19,7 +19,7 @@ from typing import Literal
 
 from balance_sync.ops.session import table_session
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Database, RunLock, TargetTable
+from balance_sync.stores.postgres import Database, Memory, Reads, RunLock, Schema, TargetTable
 from balance_sync.stores.redis.store import SCAN_COUNT, RedisStore
 from balance_sync.validation import parse_balance, parse_id
 
@@ -108,7 +108,7 @@ def clear_cache(settings: Settings, options: ClearOptions) -> ClearResult:
             session.db,
             session.target,
             session.lock,
-            remembered=session.db.schema_present(),
+            remembered=Schema(session.db).schema_present(),
         )
         before = None if options.dry_run else redis.used_memory()
         if options.dry_run:
@@ -159,7 +159,9 @@ class _Clearing:
         result.scanned += len(page.wrong_type)
         result.kept_by_reason["invalid"] += len(page.wrong_type)
         candidates = self._candidates(page.values, result)
-        persisted = self.db.persisted_balances(self.target, [c.telegram_id for c in candidates])
+        persisted = Reads(self.db).persisted_balances(
+            self.target, [c.telegram_id for c in candidates]
+        )
         doomed: list[_Candidate] = []
         for candidate in candidates:
             if candidate.telegram_id not in persisted:
@@ -180,7 +182,7 @@ class _Clearing:
         deleted = self.redis.delete_if_unchanged([(c.key, c.raw) for c in doomed])
         if self.remembered:
             # Removed on purpose: after a Redis restart their absence is no sign of loss.
-            self.db.mark_cleared(
+            Memory(self.db).mark_cleared(
                 self.target.table,
                 [c.telegram_id for c, gone in zip(doomed, deleted, strict=True) if gone],
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Conflict, Database
+from balance_sync.stores.postgres import Conflict, Database, Ledger, Schema
 
 DEFAULT_LIMIT = 100
 
@@ -33,8 +33,8 @@ def list_conflicts(
     """
     db = Database(settings.database_url, settings.retry_timeout)
     try:
-        db.require_schema()
-        chosen, found = db.conflicts(settings.table, run_id, limit)
+        Schema(db).require_schema()
+        chosen, found = Ledger(db).conflicts(settings.table, run_id, limit)
     finally:
         db.close()
     return ConflictListing(run_id=chosen, conflicts=tuple(found))

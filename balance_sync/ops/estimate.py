@@ -10,7 +10,7 @@ import logging
 
 from balance_sync.ops.sync import SyncOptions
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Database
+from balance_sync.stores.postgres import Database, Ledger
 from balance_sync.stores.redis.store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def expected_keys(settings: Settings, options: SyncOptions) -> int | None:
             return redis.marked_count(settings.key_prefix)
         bound = redis.database_size()
         try:
-            runs = db.recent_runs(settings.table, RECENT_RUNS)
+            runs = Ledger(db).recent_runs(settings.table, RECENT_RUNS)
         except Exception:  # no schema yet, or PostgreSQL away: the sync will say so
             runs = []
         largest = max((run.processed for run in runs if run.status != "running"), default=0)

@@ -26,7 +26,7 @@ from balance_sync.errors import (
 from balance_sync.ops.retention import bookkeeping_size, format_bytes
 from balance_sync.restart_guard import restart_pending
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Database, RunRecord
+from balance_sync.stores.postgres import Database, Ledger, RedisTrust, RunRecord, Schema, TableLock
 from balance_sync.stores.redis.store import Persistence, RedisStore, ServerInfo
 from balance_sync.validation import InvalidRecord, validate
 
@@ -246,8 +246,8 @@ class _Probe:
         if self.postgres_error is not None:
             raise self.postgres_error
         try:
-            self.db.require_schema()
-            self.db.describe_target(self.settings)
+            Schema(self.db).require_schema()
+            Schema(self.db).describe_target(self.settings)
         except SchemaMissing as exc:
             self.schema_error = exc
             return Check("schema", ok=False, detail=_sentence(exc))
@@ -260,7 +260,7 @@ class _Probe:
     def last_sync(self) -> Check:
         self._require_schema()
         table = self.settings.table
-        self.last = last = self.db.last_success(table)
+        self.last = last = Ledger(self.db).last_success(table)
         if last is None or last.age_s is None:
             return Check(
                 "last_sync",
@@ -296,10 +296,10 @@ class _Probe:
     def sync_lock(self) -> Check:
         self._require_schema()
         table = self.settings.table
-        holder = self.db.lock_holder(table)
+        holder = TableLock(self.db).lock_holder(table)
         if holder is None:
             return Check("sync_lock", ok=True, detail=f"no run holds the lock on {table}")
-        run = self.db.running_run(table)
+        run = Ledger(self.db).running_run(table)
         session = (
             f"backend pid {holder.backend_pid} ({holder.application_name or 'no application'}"
             f" from {holder.client_addr or 'a local socket'}, {holder.state or 'state hidden'})"
@@ -344,7 +344,7 @@ class _Probe:
         """How often syncs start: the median gap between the recent runs' starts, else
         --max-age (the longest the operator lets pass between syncs); and where it came from."""
         if self.postgres_error is None and self.schema_error is None:
-            runs = self.db.recent_runs(self.settings.table, RECENT_RUNS)
+            runs = Ledger(self.db).recent_runs(self.settings.table, RECENT_RUNS)
             gaps = sorted(
                 (newer.started_at - older.started_at).total_seconds()
                 for newer, older in itertools.pairwise(runs)
@@ -523,7 +523,7 @@ class _Probe:
         up = f"up {format_duration(info.uptime_s)}, run_id {info.run_id}"
         # A failover lands on a server that may have been up for days: its run_id tells.
         if restart_pending(self.redis, self.db, self.settings.table, self.settings.key_prefix):
-            trust = self.db.trusted_redis(self.settings.table)
+            trust = RedisTrust(self.db).trusted_redis(self.settings.table)
             trusted = trust.redis_id if trust is not None else "none recorded"
             return Check(
                 "redis_restart",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Database
+from balance_sync.stores.postgres import Database, Schema
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,6 @@ def init_db(settings: Settings) -> InitResult:
     """
     db = Database(settings.database_url, settings.retry_timeout)
     try:
-        return InitResult(created=tuple(db.init_db(settings)))
+        return InitResult(created=tuple(Schema(db).init_db(settings)))
     finally:
         db.close()

@@ -18,7 +18,7 @@ from typing import Literal
 from balance_sync.errors import ConfigError
 from balance_sync.ops.session import table_session
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import RunLock, TargetTable
+from balance_sync.stores.postgres import Memory, Reads, RunLock, Schema, TargetTable
 from balance_sync.stores.redis.store import RedisStore
 from balance_sync.validation import parse_id, redis_value
 
@@ -98,9 +98,9 @@ def run_restore(settings: Settings, options: RestoreOptions) -> RestoreResult:
         lock, control, target = session.lock, session.control, session.target
         # Closed before its connection is, even when Redis fails mid-way.
         with contextlib.closing(
-            session.db.stream_balances(target, options.ids, options.batch_size)
+            Reads(session.db).stream_balances(target, options.ids, options.batch_size)
         ) as batches:
-            memory = control if lock and control.schema_present() else None
+            memory = Memory(control) if lock and Schema(control).schema_present() else None
             for rows in batches:
                 restored = _restore_batch(
                     settings, session.redis, lock, rows, result, target=target

@@ -7,9 +7,9 @@ index, bounded in time after a sync, so that a large backlog is worked off over 
 runs without long locks or a burst of WAL.
 
 Whatever their age, these are never pruned: balsync.written (the memory of written values)
-and every table not named in pg_store.RUN_CHILDREN, runs still marked running, the runs
-the guards and the operator views read (pg_store._KEPT_RUNS) and runs another table refers
-to, with all their records.
+and every table not named in RUN_CHILDREN (stores/postgres/bookkeeping.py), runs still
+marked running, the runs the guards and the operator views read (_KEPT_RUNS there) and runs
+another table refers to, with all their records.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from typing import Literal
 from balance_sync.errors import SchemaMissing
 from balance_sync.ops.session import LOCK_HELD
 from balance_sync.settings import Settings, duration_text
-from balance_sync.stores.postgres.database import (
+from balance_sync.stores.postgres import (
     AGED_CHILDREN,
     RUN_CHILDREN,
     Bookkeeping,
     Database,
     RunLock,
+    Schema,
     TableSize,
     bookkeeping_sizes,
 )
@@ -149,7 +150,7 @@ def run_prune(settings: Settings, options: PruneOptions) -> PruneResult:
     started = time.monotonic()
     db = Database(settings.database_url, settings.retry_timeout)
     try:
-        db.require_schema()
+        Schema(db).require_schema()
         result = PruneResult("success", options.dry_run, str(settings.table), retention)
         books = Bookkeeping(db, settings.table)
         lock = None

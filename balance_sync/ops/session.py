@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Database, RunLock, TargetTable
+from balance_sync.stores.postgres import Database, RunLock, Schema, TargetTable
 from balance_sync.stores.redis.store import RedisStore
 
 LOCK_HELD = "another run holds the lock"
@@ -46,7 +46,7 @@ def table_session(settings: Settings, *, take_lock: bool) -> Iterator[TableSessi
     lock = RunLock(control, settings.table)
     try:
         redis.ping()
-        target = db.describe_target(settings)
+        target = Schema(db).describe_target(settings)
         held = take_lock and lock.acquire(0)
         skip_reason = LOCK_HELD if take_lock and not held else ""
         yield TableSession(redis, control, db, target, lock if held else None, skip_reason)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from balance_sync.errors import ConfigError
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Database, SkippedRecord
+from balance_sync.stores.postgres import Database, Ledger, Schema, SkippedRecord
 
 DEFAULT_LIMIT = 100
 
@@ -50,14 +50,14 @@ def list_skipped(
     """
     db = Database(settings.database_url, settings.retry_timeout)
     try:
-        db.require_schema()
+        Schema(db).require_schema()
         if run_id is None:
-            run_id = db.newest_skipping_run(settings.table)
+            run_id = Ledger(db).newest_skipping_run(settings.table)
             if run_id is None:
                 return SkippedListing(run_id=None)
-        elif not db.run_exists(run_id):
+        elif not Ledger(db).run_exists(run_id):
             raise ConfigError(f"no run with id {run_id}", "`balsync stats` lists the recent runs")
-        total, records = db.skipped_records(run_id, limit)
+        total, records = Ledger(db).skipped_records(run_id, limit)
         return SkippedListing(run_id=run_id, total=total, records=records)
     finally:
         db.close()

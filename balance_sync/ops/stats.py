@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from balance_sync.ops.retention import BookkeepingSize, bookkeeping_size
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Database, RunRecord, RunWindow
+from balance_sync.stores.postgres import Database, Ledger, Reads, RunRecord, RunWindow, Schema
 from balance_sync.stores.redis.store import RedisStore
 
 DEFAULT_RUNS = 10
@@ -71,11 +71,11 @@ def collect_stats(settings: Settings, runs: int = DEFAULT_RUNS) -> StatsReport:
     db = Database(settings.database_url, settings.retry_timeout)
     redis = RedisStore(settings.redis_url, settings.retry_timeout)
     try:
-        db.require_schema()
-        target = db.describe_target(settings)
-        recent = tuple(db.recent_runs(settings.table, runs))
-        window = db.run_window(settings.table, WINDOW_HOURS)
-        rows, total = db.table_totals(target)
+        Schema(db).require_schema()
+        target = Schema(db).describe_target(settings)
+        recent = tuple(Ledger(db).recent_runs(settings.table, runs))
+        window = Ledger(db).run_window(settings.table, WINDOW_HOURS)
+        rows, total = Reads(db).table_totals(target)
         books = bookkeeping_size(db, settings)
         info = redis.server_info()
         keys = redis.count_keys(settings.key_prefix)

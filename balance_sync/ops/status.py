@@ -18,7 +18,7 @@ from balance_sync.ops.schedule import Crontab, InstalledSchedule, installed_sche
 from balance_sync.ops.systemd import Systemctl, Timer
 from balance_sync.restart_guard import restart_pending
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Database, LockHolder, RunRecord
+from balance_sync.stores.postgres import Database, Ledger, LockHolder, RunRecord, Schema, TableLock
 from balance_sync.stores.redis.store import RedisStore
 
 NEXT_RUNS = 3
@@ -96,15 +96,15 @@ def collect_status(
     """
     db = Database(settings.database_url, settings.retry_timeout)
     try:
-        db.require_schema()
-        holder = db.lock_holder(settings.table)
-        running = db.running_run(settings.table)
+        Schema(db).require_schema()
+        holder = TableLock(db).lock_holder(settings.table)
+        running = Ledger(db).running_run(settings.table)
         if running is not None and holder is None:
             # A sync takes the lock before it writes its record: one that started between
             # the two reads holds the lock by now.
-            holder = db.lock_holder(settings.table)
+            holder = TableLock(db).lock_holder(settings.table)
         # At most one run record is ever 'running': each start marks the earlier ones failed.
-        recent = db.recent_runs(settings.table, 2)
+        recent = Ledger(db).recent_runs(settings.table, 2)
         pending = _restart_pending(settings, db)
     finally:
         db.close()

@@ -23,14 +23,18 @@ from balance_sync.ops.retention import prune_after_sync
 from balance_sync.restart_guard import RestartGuard
 from balance_sync.settings import Settings, TableName, mask_text
 from balance_sync.stopping import StopRequest
-from balance_sync.stores.postgres.database import (
+from balance_sync.stores.postgres import (
     BalanceType,
     BatchCounts,
     Conflict,
     Database,
+    Ledger,
+    Merge,
     MergePolicy,
     OnConflict,
+    Reads,
     RunLock,
+    Schema,
     TargetTable,
 )
 from balance_sync.stores.redis.store import RedisStore
@@ -180,8 +184,8 @@ def run_sync(
     try:
         redis.ping()
         if not options.dry_run:
-            control.require_schema()
-        target = writers[0].describe_target(settings)
+            Schema(control).require_schema()
+        target = Schema(writers[0]).describe_target(settings)
         # Keyed by the table's oid: `user_balances` and `public.user_balances` share it.
         lock = RunLock(control, target.table)
         if not options.dry_run:
@@ -190,7 +194,7 @@ def run_sync(
                 result.status = "skipped"
                 log.info("sync skipped: %s", result.reason)
                 return _finish(result, started)
-            result.run_id = control.start_run(settings)
+            result.run_id = Ledger(control).start_run(settings)
             bind_run_id(result.run_id)  # every log line from here on names its run
         try:
             guard = RestartGuard.open(
@@ -222,7 +226,7 @@ def run_sync(
         _finish(result, started)
         _explain(result)
         if result.run_id is not None:
-            control.finish_run(
+            Ledger(control).finish_run(
                 result.run_id, result.status, result.counters(), result.duration_s, None
             )
             # Still under the table's lock; bounded in time, and never fails the sync.
@@ -250,7 +254,7 @@ def _gate(options: SyncOptions, control: Database, lock: RunLock, table: TableNa
     if not lock.acquire(options.wait, options.stop.pause):
         return f"another run holds the lock on {table}"
     if not options.force:
-        age = control.last_success_age(table)
+        age = Ledger(control).last_success_age(table)
         if age is not None and age < options.min_interval:
             return (
                 f"a sync finished {age:.0f}s ago, within --min-interval "
@@ -268,7 +272,7 @@ def _merge_policy(
         on_conflict=options.on_conflict,
         hold_updates=guard.pending,
         resolve_ids=options.resolve_ids,
-        insert_first=not options.dry_run and target.can_insert and control.is_empty(target),
+        insert_first=not options.dry_run and target.can_insert and Reads(control).is_empty(target),
     )
 
 
@@ -313,7 +317,7 @@ def _record_failure(
         return
     _finish(result, started)
     try:
-        control.finish_run(
+        Ledger(control).finish_run(
             result.run_id,
             "failed",
             result.counters(),
@@ -538,7 +542,7 @@ class _Writing:
         """Merge one batch on `writer` and account for it."""
         result = self.result
         writing = not self.options.dry_run
-        counts = writer.apply_batch(
+        counts = Merge(writer).apply_batch(
             self.target,
             batch.records,
             batch.skipped,

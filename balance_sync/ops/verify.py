@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Literal
 
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres.database import Database, TargetTable, text_of
+from balance_sync.stores.postgres import Database, Reads, Schema, TargetTable, text_of
 from balance_sync.stores.redis.store import Page, RedisStore
 from balance_sync.validation import InvalidRecord, validate
 
@@ -157,12 +157,14 @@ def run_verify(settings: Settings, options: VerifyOptions) -> VerifyResult:
     try:
         redis.ping()
         comparison = _Comparison(
-            settings, options, redis, db, db.describe_target(settings), VerifyResult()
+            settings, options, redis, db, Schema(db).describe_target(settings), VerifyResult()
         )
         for page in redis.scan_pages(settings.key_prefix):
             comparison.compare_page(page)
         # Closed while its connection is open, even when Redis fails mid-way.
-        with contextlib.closing(db.stream_balances(comparison.target, None, PG_CHUNK)) as chunks:
+        with contextlib.closing(
+            Reads(db).stream_balances(comparison.target, None, PG_CHUNK)
+        ) as chunks:
             for rows in chunks:
                 comparison.check_rows(rows)
     finally:
@@ -206,7 +208,7 @@ class _Comparison:
         if not valid:
             return
         result.valid_keys += len(valid)
-        rows = self.db.persisted_balances(self.target, list(valid))
+        rows = Reads(self.db).persisted_balances(self.target, list(valid))
         for telegram_id, (key, amount, text) in valid.items():
             result.redis_sum = _EXACT.add(result.redis_sum, amount)
             if telegram_id not in rows:

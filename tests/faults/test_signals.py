@@ -16,7 +16,7 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from balance_sync.stores.postgres.database import LOCK_CLASS
+from balance_sync.stores.postgres import LOCK_CLASS
 from tests.faults.conftest import Bench
 from tests.faults.helpers import (
     assert_converged,

@@ -30,7 +30,7 @@ from balance_sync.ops.restore import parse_ids
 from balance_sync.ops.sync import DEFAULT_BATCH_SIZE, DEFAULT_MIN_INTERVAL, SyncOptions
 from balance_sync.settings import Settings
 from balance_sync.stopping import StopRequest
-from balance_sync.stores.postgres.database import OnConflict
+from balance_sync.stores.postgres import OnConflict
 
 # How a stop signal is named in the run record, and its exit code (128 + the signal).
 _STOP_SIGNALS = {

@@ -23,7 +23,7 @@ from balance_sync.ops.retention import BookkeepingSize, format_bytes
 from balance_sync.ops.stats import StatsReport
 from balance_sync.ops.status import StatusReport
 from balance_sync.ops.verify import VerifyResult, money_text
-from balance_sync.stores.postgres.database import RunRecord
+from balance_sync.stores.postgres import RunRecord
 
 
 def verify_tables(result: VerifyResult, target: str) -> list[Table]:
