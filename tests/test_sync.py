@@ -22,7 +22,7 @@ from click.testing import Result
 from psycopg import sql
 
 import balance_sync
-from balance_sync.ops.sync import _Batcher
+from balance_sync.ops.sync.reading import Batcher
 from balance_sync.settings import TableName, resolve_settings
 from balance_sync.stores.postgres import Database, Ledger, Merge, Reads, RunLock, Schema
 from balance_sync.validation import InvalidRecord
@@ -539,7 +539,7 @@ def test_batches_of_common_records_are_cut_at_the_batch_size(initialized, rds, k
 
 def test_batcher_keeps_an_id_once_per_batch_across_pages():
     """SCAN may return a key on two pages: the whole-page path defers to the per-record one."""
-    batcher = _Batcher(5, keep_raw=False)
+    batcher = Batcher(5, keep_raw=False)
     assert batcher.add_page([(b"%d" % i, b"1.00") for i in range(1, 4)]) == []
     assert batcher.add_page([(b"3", b"1.00"), (b"4", b"1.00")]) is None  # 3 is in the batch
     assert batcher.add_page([(b"9", b"1.00"), (b"9", b"1.00")]) is None  # 9 twice in a page
