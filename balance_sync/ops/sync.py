@@ -33,7 +33,7 @@ from balance_sync.stores.postgres.database import (
     RunLock,
     TargetTable,
 )
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 from balance_sync.validation import (
     InvalidRecord,
     ValidRecord,
