@@ -180,10 +180,9 @@ def write_counter_key(balance_key: str) -> str:
 class _Tracking:
     """The keys and script arguments both writers share: one format, one set of marks."""
 
-    def __init__(self, prefix: str, *, cluster: bool) -> None:
+    def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.keys = dirty_keys(prefix)
-        self.cluster = cluster
 
     def balance_key(self, telegram_id: int) -> str:
         """The balance key of an id."""
@@ -203,15 +202,6 @@ class _Tracking:
         """The script call that adds `change_cents` once, starting from `base` (what SET NX
         would put) where the key is still absent as `absent` reported it."""
         key = self.balance_key(telegram_id)
-        record = adjustment_key(key, adjustment_id)
-        if self.cluster and key_slot(record.encode()) != key_slot(key.encode()):
-            raise ConfigError(
-                f"the key prefix {self.prefix!r} has a '}}' outside a hash tag: adjustments "
-                "cannot be recorded in the balance key's slot",
-                "use a prefix without braces, or with a whole {hash tag}",
-            )
-        counter = write_counter_key(key)
-        keys = (key, record, counter) if self.cluster else (key, record, counter, self.keys[0])
         args = (
             str(change_cents),
             str(telegram_id),
@@ -221,7 +211,12 @@ class _Tracking:
             absent.detail if absent else b"",
             absent.at if absent else b"0",
         )
-        return Adjustment(keys, args)
+        return Adjustment(self._script_keys(key, adjustment_key(key, adjustment_id)), args)
+
+    def _script_keys(self, key: str, record: str) -> tuple[str, ...]:
+        """KEYS of the adjust script: on one server the dirty set comes last, for the
+        script to mark the id in the same atomic step."""
+        return (key, record, write_counter_key(key), self.keys[0])
 
     def set_keys(self, telegram_id: int) -> list[str]:
         """KEYS of the set script: the balance, the dirty set, the write counter."""
@@ -233,47 +228,55 @@ class TrackedWrites(_Tracking):
     """The application's side of change tracking: write a balance and mark its id dirty in
     one atomic step, so `balsync sync --incremental` never misses a change.
 
-    In a Redis Cluster the balance key and the dirty set live in different slots, so no
-    script can touch both: the mark follows the write. A claim between the two only moves
-    the id to the next run; a crash between them leaves the change to the next full scan.
+    Made for one server (a redis.Redis, Sentinel's master included) or for a Redis Cluster
+    (a redis.cluster.RedisCluster): the client's kind picks the subclass, once.
     """
 
+    client: redis.Redis | RedisCluster
+
+    def __new__(cls, client: redis.Redis | RedisCluster, prefix: str) -> TrackedWrites:
+        """The writes for the client's kind of deployment."""
+        kind = _ClusterWrites if isinstance(client, RedisCluster) else _ServerWrites
+        return super().__new__(kind)
+
     def __init__(self, client: redis.Redis | RedisCluster, prefix: str) -> None:
-        super().__init__(prefix, cluster=isinstance(client, RedisCluster))
-        self.client = client
+        super().__init__(prefix)
         self._set = client.register_script(_SET_AND_MARK)
 
     def set(self, telegram_id: int, value: bytes, record_ttl: int) -> None:
         """SET the balance key to `value`, count the write, and mark the id."""
-        key = self.balance_key(telegram_id)
-        if self.cluster:
-            counter = write_counter_key(key)
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(key, value)
-                pipe.incr(counter)
-                pipe.expire(counter, record_ttl)
-                pipe.execute()
-            self.client.sadd(self.keys[0], telegram_id)
-            return
-        self._set(keys=self.set_keys(telegram_id), args=[value, telegram_id, record_ttl])
+        raise NotImplementedError
 
     def adjust(self, adjustment: Adjustment) -> AdjustReply:
         """Run the adjust script once, never retried: redis-py's own retries are bypassed,
         since a command resent after a lost reply could run twice.
 
         Raises ReplyLost where the connection failed after the script was sent; a failure to
-        connect raises redis-py's ConnectionError (nothing was sent). In a cluster the mark
-        follows an applied (or already applied) adjustment; a failed mark is ReplyLost too,
-        since the retry with the same id completes it.
+        connect raises redis-py's ConnectionError (nothing was sent).
         """
-        if isinstance(self.client, RedisCluster):
-            reply = AdjustReply.parse(self._cluster_script(self.client, adjustment))
-            if reply.status in ("applied", "done"):
-                try:
-                    self.client.sadd(self.keys[0], adjustment.args[1])
-                except (rx.ConnectionError, rx.TimeoutError) as exc:
-                    raise ReplyLost(str(exc)) from exc
-            return reply
+        raise NotImplementedError
+
+    def mark(self, telegram_ids: Sequence[int]) -> None:
+        """Mark ids changed by other means (a bulk import, a migration)."""
+        if telegram_ids:
+            self.client.sadd(self.keys[0], *telegram_ids)
+
+
+class _ServerWrites(TrackedWrites):
+    """One server: each script marks the id in the same atomic step as it writes."""
+
+    client: redis.Redis
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        super().__init__(client, prefix)
+        self.client = client
+
+    def set(self, telegram_id: int, value: bytes, record_ttl: int) -> None:
+        """SET the balance key to `value`, count the write, and mark the id, in one script."""
+        self._set(keys=self.set_keys(telegram_id), args=[value, telegram_id, record_ttl])
+
+    def adjust(self, adjustment: Adjustment) -> AdjustReply:
+        """The script once, on one connection of the pool (TrackedWrites.adjust)."""
         client = self.client
         pool: Any = client.connection_pool
         conn = client.connection or pool.get_connection()
@@ -283,9 +286,56 @@ class TrackedWrites(_Tracking):
             if client.connection is None:
                 pool.release(conn)
 
-    def _cluster_script(self, client: Any, adjustment: Adjustment) -> object:
+
+class _ClusterWrites(TrackedWrites):
+    """A Redis Cluster: the balance key and the dirty set live in different slots, so no
+    script can touch both and the mark follows the write. A claim between the two only
+    moves the id to the next run; a crash between them leaves the change to the next full
+    scan."""
+
+    client: RedisCluster
+
+    def __init__(self, client: RedisCluster, prefix: str) -> None:
+        super().__init__(client, prefix)
+        self.client = client
+
+    def _script_keys(self, key: str, record: str) -> tuple[str, ...]:
+        """The balance, its record and its write counter, all in the balance key's slot."""
+        if key_slot(record.encode()) != key_slot(key.encode()):
+            raise ConfigError(
+                f"the key prefix {self.prefix!r} has a '}}' outside a hash tag: adjustments "
+                "cannot be recorded in the balance key's slot",
+                "use a prefix without braces, or with a whole {hash tag}",
+            )
+        return (key, record, write_counter_key(key))
+
+    def set(self, telegram_id: int, value: bytes, record_ttl: int) -> None:
+        """SET the balance key and count the write in one pipeline, then mark the id."""
+        key = self.balance_key(telegram_id)
+        counter = write_counter_key(key)
+        with self.client.pipeline(transaction=False) as pipe:  # type: ignore[no-untyped-call]
+            pipe.set(key, value)
+            pipe.incr(counter)
+            pipe.expire(counter, record_ttl)
+            pipe.execute()
+        self.client.sadd(self.keys[0], telegram_id)
+
+    def adjust(self, adjustment: Adjustment) -> AdjustReply:
+        """The script once on the owning primary; the mark follows an applied (or already
+        applied) adjustment. A failed mark is ReplyLost too, since the retry with the same
+        id completes it."""
+        reply = AdjustReply.parse(self._script(adjustment))
+        if reply.status in ("applied", "done"):
+            try:
+                self.client.sadd(self.keys[0], adjustment.args[1])
+            except (rx.ConnectionError, rx.TimeoutError) as exc:
+                raise ReplyLost(str(exc)) from exc
+        return reply
+
+    def _script(self, adjustment: Adjustment) -> object:
         # A named target node turns off the cluster client's retries after connection
         # faults; MOVED and ASK (the script did not run) are still followed.
+        client: Any = self.client
         node = client.get_node_from_key(adjustment.keys[0])
         try:
             try:
@@ -298,11 +348,6 @@ class TrackedWrites(_Tracking):
                 )
         except (rx.ConnectionError, rx.TimeoutError) as exc:
             raise ReplyLost(str(exc)) from exc
-
-    def mark(self, telegram_ids: Sequence[int]) -> None:
-        """Mark ids changed by other means (a bulk import, a migration)."""
-        if telegram_ids:
-            self.client.sadd(self.keys[0], *telegram_ids)
 
 
 # redis-py's connection and cluster methods carry no annotations: they are reached as Any.
@@ -337,7 +382,7 @@ class AsyncTrackedWrites(_Tracking):
                 "AsyncBalanceWriter takes a redis.asyncio.Redis; an asyncio cluster client is "
                 "not supported (use BalanceWriter over redis.cluster.RedisCluster)"
             )
-        super().__init__(prefix, cluster=False)
+        super().__init__(prefix)
         self.client = client
         self._set = client.register_script(_SET_AND_MARK)
 
