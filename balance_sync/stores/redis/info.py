@@ -11,7 +11,7 @@ import redis
 import redis.exceptions as rx
 
 from balance_sync.stores.redis.client import Calls
-from balance_sync.stores.redis.results import Persistence, ServerInfo
+from balance_sync.stores.redis.results import Identity, Persistence, ServerInfo
 
 
 def read_server(calls: Calls, client: redis.Redis, name: Callable[[], str]) -> ServerInfo:
@@ -42,6 +42,22 @@ def read_server(calls: Calls, client: redis.Redis, name: Callable[[], str]) -> S
         maxmemory_policy=policy,
         policy_source=policy_source,
         persistence=(_persistence(calls, client, name(), info),),
+    )
+
+
+def server_identity(
+    info: dict[str, object], commandstats: dict[str, object], marker: bytes | None
+) -> Identity:
+    """One server's identity from INFO server and replication (`info`), INFO commandstats
+    and the trust marker's value."""
+    return Identity(
+        run_id=as_text(info.get("run_id")),
+        replid=as_text(info.get("master_replid")),
+        replid2=as_text(info.get("master_replid2")),
+        offset=as_int(info.get("master_repl_offset")),
+        second_offset=as_int(info.get("second_repl_offset")),
+        marker=marker,
+        flushes=str(flush_count(commandstats)),
     )
 
 

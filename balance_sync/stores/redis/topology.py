@@ -41,6 +41,7 @@ from balance_sync.stores.redis.info import (
     combined_info,
     flush_count,
     read_server,
+    server_identity,
 )
 from balance_sync.stores.redis.results import Identity, SentinelView, ServerInfo
 
@@ -248,16 +249,7 @@ class SingleServer(Topology):
             server, replication, commands, found = pipe.execute()
             return {**server, **replication}, commands, found
 
-        info, commands, found = self.call(run)
-        return Identity(
-            run_id=as_text(info.get("run_id")),
-            replid=as_text(info.get("master_replid")),
-            replid2=as_text(info.get("master_replid2")),
-            offset=as_int(info.get("master_repl_offset")),
-            second_offset=as_int(info.get("second_repl_offset")),
-            marker=found,
-            flushes=str(flush_count(commands)),
-        )
+        return server_identity(*self.call(run))
 
     def run_id(self) -> str:
         info = self.call(partial(self.client.info, "server"))
