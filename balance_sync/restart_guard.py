@@ -17,7 +17,7 @@ from typing import Protocol
 from balance_sync.errors import RedisChanged
 from balance_sync.settings import TableName
 from balance_sync.stores.postgres import Database, Memory, RedisTrust, Schema, TargetTable, Trust
-from balance_sync.stores.redis.store import Identity, RedisStore, trust_marker
+from balance_sync.stores.redis import Identity, RedisStore, trust_marker
 
 log = logging.getLogger(__name__)
 

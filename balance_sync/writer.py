@@ -41,7 +41,7 @@ from balance_sync.errors import (
 )
 from balance_sync.settings import DEFAULT_TABLE, TableName, mask_url
 from balance_sync.stores.postgres import balance_lookup, looked_up_balance
-from balance_sync.stores.redis.store import (
+from balance_sync.stores.redis import (
     Adjustment,
     AdjustReply,
     AsyncTrackedWrites,

@@ -30,7 +30,7 @@ import psycopg
 import redis
 from psycopg import sql
 
-from balance_sync.stores.redis.store import dirty_keys
+from balance_sync.stores.redis import dirty_keys
 from balance_sync.writer import BalanceWriter
 
 log = logging.getLogger("bench")

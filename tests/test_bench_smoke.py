@@ -9,7 +9,7 @@ import psycopg
 import pytest
 import redis
 
-from balance_sync.stores.redis.store import dirty_keys
+from balance_sync.stores.redis import dirty_keys
 from bench import floor
 from bench.cli import main as bench_main
 from bench.harness import SCENARIOS, Config, Results, render, run_bench

@@ -15,7 +15,7 @@ from balance_sync.cli.commands import cache as cache_commands
 from balance_sync.ops.clear_cache import ClearOptions, clear_cache
 from balance_sync.settings import TableName, resolve_settings
 from balance_sync.stores.postgres import Database, Reads, TableLock, TargetTable
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 from tests.devservers import ValkeyServer, free_port
 
 Pg = psycopg.Connection[tuple[object, ...]]

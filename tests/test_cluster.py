@@ -18,7 +18,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from balance_sync.settings import resolve_settings
-from balance_sync.stores.redis.store import RedisStore, TrackedWrites, adjustment_key, dirty_keys
+from balance_sync.stores.redis import RedisStore, TrackedWrites, adjustment_key, dirty_keys
 from balance_sync.writer import BalanceMissing, BalanceWriter
 from tests.conftest import Balsync, Servers, balances
 from tests.devservers import ValkeyCluster, free_port
@@ -261,8 +261,8 @@ def test_stale_slot_map_is_followed(
     store = RedisStore(cluster.url, 5)
     try:
         store.ping()
-        manager = store._cluster.nodes_manager  # made stale on purpose below
-        primaries = store._primaries()
+        manager = store.topology.client.nodes_manager  # made stale on purpose below
+        primaries = store.topology.primaries()
         for slot, nodes in list(manager.slots_cache.items()):
             wrong = next(node for node in primaries if node.name != nodes[0].name)
             manager.slots_cache[slot] = [wrong]

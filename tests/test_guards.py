@@ -277,7 +277,7 @@ def test_a_correction_redis_cannot_hold_is_not_remembered(initialized, rds, key_
 def test_a_correction_the_bot_overtook_is_not_remembered(synced, rds, key_prefix, pg, monkeypatch):
     """The bot writes between balsync's read and its compare-and-set: Redis keeps the bot's
     value, and the admin's correction stays guarded (a conflict again next run)."""
-    from balance_sync.stores.redis.store import RedisStore
+    from balance_sync.stores.redis import RedisStore
 
     real = RedisStore.set_if_equal
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 import redis
 
-from balance_sync.stores.redis.store import RedisStore, dirty_keys
+from balance_sync.stores.redis import RedisStore, dirty_keys
 from balance_sync.writer import BalanceWriter
 from tests.conftest import Balsync, Servers, balances
 

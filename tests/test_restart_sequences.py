@@ -19,7 +19,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from balance_sync.stores.redis.store import trust_marker
+from balance_sync.stores.redis import trust_marker
 from tests.conftest import Balsync, balances
 from tests.devservers import ValkeyCluster, ValkeyServer, replicated
 
@@ -271,7 +271,7 @@ def test_accepting_a_restart_keeps_an_admin_correction(bench, pg):
 
 
 def test_on_conflict_db_overtaken_by_the_bot_is_no_evidence(bench, pg, monkeypatch):
-    from balance_sync.stores.redis.store import RedisStore
+    from balance_sync.stores.redis import RedisStore
 
     bench.set({1: "1600.00"})
     assert bench.sync()[0] == 0
@@ -451,7 +451,7 @@ def test_a_restart_between_verification_and_trust_is_not_trusted(bench, pg, monk
     restart). `set_marker` retries until the new, empty server answers, writes the marker
     there, and its identity is recorded as trusted: a server no scan ever read. The bot's
     INCRBY makes 5 and the next sync overwrites 1500.00, exit 0. SPEC 7."""
-    from balance_sync.stores.redis.store import RedisStore
+    from balance_sync.stores.redis import RedisStore
 
     bench.server.stop()
     bench.server.start()

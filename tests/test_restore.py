@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from balance_sync.ops.restore import RestoreOptions, parse_ids, run_restore
 from balance_sync.settings import TableName, resolve_settings
 from balance_sync.stores.postgres import Database, TableLock
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 from balance_sync.validation import parse_balance, redis_value
 from tests.devservers import ValkeyServer, free_port
 from tests.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock

@@ -25,7 +25,7 @@ from balance_sync.cli import cli
 from balance_sync.errors import BalsyncError
 from balance_sync.settings import SETTING_ENV
 from balance_sync.stores.postgres import text_of
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 from tests.conftest import Balsync, balances
 from tests.devservers import PostgresServer, ValkeyServer, free_port
 from tests.netutil import ping_server

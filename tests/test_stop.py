@@ -12,7 +12,7 @@ from balance_sync.errors import Stopped
 from balance_sync.ops.sync import BatchReport, SyncOptions, run_sync
 from balance_sync.settings import resolve_settings
 from balance_sync.stopping import StopRequest
-from balance_sync.stores.redis.store import dirty_keys
+from balance_sync.stores.redis import dirty_keys
 from balance_sync.writer import BalanceWriter
 from tests.conftest import Balsync, balances
 

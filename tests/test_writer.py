@@ -21,7 +21,7 @@ import balance_sync
 from balance_sync.errors import PostgresUnavailable
 from balance_sync.ops.sync import SyncOptions, run_sync
 from balance_sync.settings import resolve_settings
-from balance_sync.stores.redis.store import adjustment_key, dirty_keys
+from balance_sync.stores.redis import adjustment_key, dirty_keys
 from balance_sync.writer import (
     BalanceInvalid,
     BalanceMissing,

@@ -14,7 +14,7 @@ import redis
 import redis.asyncio as aioredis
 
 from balance_sync.errors import PostgresUnavailable
-from balance_sync.stores.redis.store import dirty_keys
+from balance_sync.stores.redis import dirty_keys
 from balance_sync.writer import (
     AsyncBalanceWriter,
     AsyncDatabaseLoader,

@@ -20,7 +20,7 @@ from typing import Literal
 from balance_sync.ops.session import table_session
 from balance_sync.settings import Settings
 from balance_sync.stores.postgres import Database, Memory, Reads, RunLock, Schema, TargetTable
-from balance_sync.stores.redis.store import SCAN_COUNT, RedisStore
+from balance_sync.stores.redis import SCAN_COUNT, RedisStore
 from balance_sync.validation import parse_balance, parse_id
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import logging
 from balance_sync.ops.sync import SyncOptions
 from balance_sync.settings import Settings
 from balance_sync.stores.postgres import Database, Ledger
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 
 log = logging.getLogger(__name__)
 

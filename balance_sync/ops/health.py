@@ -27,7 +27,7 @@ from balance_sync.ops.retention import bookkeeping_size, format_bytes
 from balance_sync.restart_guard import restart_pending
 from balance_sync.settings import Settings
 from balance_sync.stores.postgres import Database, Ledger, RedisTrust, RunRecord, Schema, TableLock
-from balance_sync.stores.redis.store import Persistence, RedisStore, ServerInfo
+from balance_sync.stores.redis import Persistence, RedisStore, ServerInfo
 from balance_sync.validation import InvalidRecord, validate
 
 log = logging.getLogger(__name__)

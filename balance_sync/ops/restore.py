@@ -19,7 +19,7 @@ from balance_sync.errors import ConfigError
 from balance_sync.ops.session import table_session
 from balance_sync.settings import Settings
 from balance_sync.stores.postgres import Memory, Reads, RunLock, Schema, TargetTable
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 from balance_sync.validation import parse_id, redis_value
 
 log = logging.getLogger(__name__)

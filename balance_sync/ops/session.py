@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from balance_sync.settings import Settings
 from balance_sync.stores.postgres import Database, RunLock, Schema, TargetTable
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 
 LOCK_HELD = "another run holds the lock"
 

@@ -13,7 +13,7 @@ from decimal import Decimal
 from balance_sync.ops.retention import BookkeepingSize, bookkeeping_size
 from balance_sync.settings import Settings
 from balance_sync.stores.postgres import Database, Ledger, Reads, RunRecord, RunWindow, Schema
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 
 DEFAULT_RUNS = 10
 WINDOW_HOURS = 24

@@ -19,7 +19,7 @@ from balance_sync.ops.systemd import Systemctl, Timer
 from balance_sync.restart_guard import restart_pending
 from balance_sync.settings import Settings
 from balance_sync.stores.postgres import Database, Ledger, LockHolder, RunRecord, Schema, TableLock
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 
 NEXT_RUNS = 3
 

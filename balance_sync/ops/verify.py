@@ -24,7 +24,7 @@ from typing import Literal
 
 from balance_sync.settings import Settings
 from balance_sync.stores.postgres import Database, Reads, Schema, TargetTable, text_of
-from balance_sync.stores.redis.store import Page, RedisStore
+from balance_sync.stores.redis import Page, RedisStore
 from balance_sync.validation import InvalidRecord, validate
 
 log = logging.getLogger(__name__)

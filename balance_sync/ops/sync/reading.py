@@ -9,7 +9,7 @@ from operator import itemgetter
 from balance_sync.ops.sync.model import SyncOptions
 from balance_sync.settings import Settings
 from balance_sync.stores.postgres import BalanceType
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 from balance_sync.validation import InvalidRecord, ValidRecord, common_page, validate_page
 
 

@@ -22,7 +22,7 @@ from balance_sync.stores.postgres import (
     Schema,
     TargetTable,
 )
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 
 # The run logs as one logger, `balance_sync.ops.sync`, whichever part of it speaks.
 log = logging.getLogger(__package__)

@@ -30,7 +30,7 @@ from balance_sync.stores.postgres import (
     RunLock,
     TargetTable,
 )
-from balance_sync.stores.redis.store import RedisStore
+from balance_sync.stores.redis import RedisStore
 from balance_sync.validation import redis_value
 
 # The run logs as one logger, `balance_sync.ops.sync`, whichever part of it speaks.
