@@ -16,7 +16,7 @@ from balance_sync.ops.clear_cache import ClearOptions, clear_cache
 from balance_sync.settings import TableName, resolve_settings
 from balance_sync.stores.postgres.database import Database, TargetTable
 from balance_sync.stores.redis.store import RedisStore
-from tests.devservers import ValkeyServer, free_port
+from tests.support.devservers import ValkeyServer, free_port
 
 Pg = psycopg.Connection[tuple[object, ...]]
 JSON_KEYS = {

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import balance_sync.cli
 from balance_sync.cli import SETTING_OPTIONS, SettingOption, cli, setting_default
 from balance_sync.settings import SETTING_ENV, Settings, resolve_settings
-from tests.conftest import Balsync
+from tests.helpers import Balsync
 
 Pg = psycopg.Connection[tuple[object, ...]]
 FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))

@@ -20,8 +20,8 @@ from redis.cluster import RedisCluster
 from balance_sync.settings import resolve_settings
 from balance_sync.stores.redis.store import RedisStore, TrackedWrites, adjustment_key, dirty_keys
 from balance_sync.writer import BalanceMissing, BalanceWriter
-from tests.conftest import Balsync, Servers, balances
-from tests.devservers import ValkeyCluster, free_port
+from tests.helpers import Balsync, Servers, balances
+from tests.support.devservers import ValkeyCluster, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 from click.testing import Result
 
-from tests.conftest import Balsync
+from tests.helpers import Balsync
 
 PG = psycopg.Connection[tuple[object, ...]]
 TABLE = ("--table", "users", "--id-column", "id", "--balance-column", "money")

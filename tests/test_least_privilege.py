@@ -24,8 +24,8 @@ import redis.exceptions as rx
 from psycopg import sql
 
 from balance_sync.writer import BalanceWriter
-from tests.conftest import Balsync
-from tests.devservers import ValkeyServer, _pg_bin
+from tests.helpers import Balsync
+from tests.support.devservers import ValkeyServer, _pg_bin
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ROLE_SQL = DEPLOY / "postgres-role.sql"

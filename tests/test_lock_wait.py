@@ -18,7 +18,7 @@ import pytest
 
 from balance_sync.stores.postgres import database as pg_store
 from balance_sync.stores.postgres.database import LOCK_CLASS
-from tests.conftest import Balsync
+from tests.helpers import Balsync
 
 WATCHDOG = 2.0  # seconds one statement may go unanswered in these tests
 HOLD = 3 * WATCHDOG  # how long "the hourly run" holds the table

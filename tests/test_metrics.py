@@ -11,9 +11,9 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from balance_sync.monitoring.metrics import RunMetrics, previous_success, write_metrics
-from tests.conftest import Balsync
-from tests.devservers import ValkeyServer
-from tests.netutil import closed_port
+from tests.helpers import Balsync
+from tests.support.devservers import ValkeyServer
+from tests.support.netutil import closed_port
 
 TABLE = "user_balances"
 NAMES = {

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from balance_sync.ops import retention
 from balance_sync.settings import DURATION_UNITS, TableName, duration_text, parse_duration
 from balance_sync.stores.postgres.database import Database
-from tests.conftest import Balsync
+from tests.helpers import Balsync
 from tests.test_metrics import Metrics
 
 Conn = psycopg.Connection[tuple[object, ...]]

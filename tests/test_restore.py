@@ -15,8 +15,8 @@ from balance_sync.settings import TableName, resolve_settings
 from balance_sync.stores.postgres.database import Database
 from balance_sync.stores.redis.store import RedisStore
 from balance_sync.validation import parse_balance, redis_value
-from tests.devservers import ValkeyServer, free_port
-from tests.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
+from tests.support.devservers import ValkeyServer, free_port
+from tests.support.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
 
 Pg = psycopg.Connection[tuple[object, ...]]
 JSON_KEYS = {"status", "dry_run", "total", "restored", "already_present", "invalid", "not_found"}

@@ -26,7 +26,7 @@ from balance_sync.ops.sync import _Batcher
 from balance_sync.settings import TableName, resolve_settings
 from balance_sync.stores.postgres.database import Database, RunLock
 from balance_sync.validation import InvalidRecord
-from tests.conftest import Balsync, sync_json_keys
+from tests.helpers import Balsync, sync_json_keys
 
 PG = psycopg.Connection[tuple[object, ...]]
 COUNTERS = ("processed", "inserted", "updated", "unchanged", "skipped", "invalid")

@@ -10,9 +10,9 @@ import pytest
 import redis
 from psycopg import sql
 
-from tests.conftest import Balsync
-from tests.devservers import ValkeyServer, free_port
-from tests.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
+from tests.helpers import Balsync
+from tests.support.devservers import ValkeyServer, free_port
+from tests.support.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
 
 
 def verify_json(balsync: Balsync, *args: str, env: dict[str, str] | None = None) -> dict:

@@ -29,7 +29,7 @@ from balance_sync.writer import (
     DatabaseLoader,
     database_loader,
 )
-from tests.conftest import Balsync, Servers, balances
+from tests.helpers import Balsync, Servers, balances
 
 Pg = psycopg.Connection[tuple[object, ...]]
 LIMIT_CENTS = 10**20

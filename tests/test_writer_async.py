@@ -23,7 +23,7 @@ from balance_sync.writer import (
     BalanceWriter,
     async_database_loader,
 )
-from tests.conftest import Balsync, Servers, balances
+from tests.helpers import Balsync, Servers, balances
 from tests.test_writer import assert_loader_idle, incremental, own_keys, persist
 
 pytestmark = pytest.mark.asyncio
