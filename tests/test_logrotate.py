@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.deploy import ROOT, exec_start, option, unit
 from tests.support.tools import require_tool
-from tests.test_deploy import ROOT, exec_start, option, unit
 
 CONFIG = ROOT / "deploy" / "logrotate" / "balsync"
 KEYS = 20_000

@@ -14,9 +14,8 @@ import redis
 
 from balance_sync.stores.postgres.database import LOCK_CLASS
 from balance_sync.writer import BalanceWriter
-from tests.helpers import Balsync, balances
+from tests.helpers import Balsync, balances, lock_held
 from tests.support.pgbouncer import PgBouncer
-from tests.test_sync import lock_held
 
 Conn = psycopg.Connection[tuple[object, ...]]
 REFUSAL = "transaction pooling"

@@ -21,7 +21,7 @@ from balance_sync.ops import retention
 from balance_sync.settings import DURATION_UNITS, TableName, duration_text, parse_duration
 from balance_sync.stores.postgres.database import Database
 from tests.helpers import Balsync
-from tests.test_metrics import Metrics
+from tests.support.metrics import Metrics
 
 Conn = psycopg.Connection[tuple[object, ...]]
 TABLE = TableName("user_balances")

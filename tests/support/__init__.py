@@ -1,1 +1,2 @@
-"""What the tests run on: embedded servers, the demo, PgBouncer, network and tool lookups."""
+"""What the tests run on and read: embedded servers, the demo's data, PgBouncer, network and
+tool lookups, a table another session holds locked, the deployment files, the metrics textfile."""
