@@ -24,18 +24,18 @@ $(BIN)/balsync: pyproject.toml
 install: $(BIN)/balsync ## create .venv with balsync and its development tools
 
 demo: install ## start local servers in .demo/, seed 100 000 balances, init-db, sync -v, show the result
-	@$(BIN)/python -m tests.devservers start $(DEMO) > /dev/null
+	@$(BIN)/python -m tests.support.devservers start $(DEMO) > /dev/null
 	@set -a; source $(DEMO)/env; BALSYNC_KEY_PREFIX=demo:balance:; set +a; \
-	$(BIN)/python -m tests.demo seed 100000 && \
+	$(BIN)/python -m tests.support.demo seed 100000 && \
 	$(BIN)/balsync init-db && \
 	{ $(BIN)/balsync sync --verbose --force; code=$$?; [ $$code -le 1 ]; } && \
-	$(BIN)/python -m tests.demo show && \
+	$(BIN)/python -m tests.support.demo show && \
 	echo && echo "Servers keep running in $(DEMO)/ (URLs in $(DEMO)/env). Try:" && \
 	echo "  source $(DEMO)/env && BALSYNC_KEY_PREFIX=demo:balance: $(BIN)/balsync sync --dry-run" && \
 	echo "Stop them with: make demo-stop"
 
 demo-stop: ## stop the demo's servers
-	@$(BIN)/python -m tests.devservers stop $(DEMO)
+	@$(BIN)/python -m tests.support.devservers stop $(DEMO)
 
 test: install ## run the test suite with branch coverage (real servers: BALSYNC_TEST_* URLs, else embedded ones)
 	$(BIN)/pytest -m "not faults" --cov --cov-report=term --durations=15 $(PYTEST_ARGS)

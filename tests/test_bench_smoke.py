@@ -17,7 +17,7 @@ from bench.process import run_process
 from bench.profiling import profile_scenario
 from bench.report import Machine
 from bench.scratch import BASE_ID, Scratch, with_redis_db
-from tests.conftest import Servers
+from tests.helpers import Servers
 
 
 def _database_exists(servers: Servers, dbname: str) -> bool:

@@ -16,7 +16,8 @@ from balance_sync.ops.clear_cache import ClearOptions, clear_cache
 from balance_sync.settings import TableName, resolve_settings
 from balance_sync.stores.postgres import Database, Reads, TableLock, TargetTable
 from balance_sync.stores.redis import RedisStore
-from tests.devservers import ValkeyServer, free_port
+from tests.helpers import insert_rows
+from tests.support.devservers import ValkeyServer, free_port
 
 Pg = psycopg.Connection[tuple[object, ...]]
 JSON_KEYS = {
@@ -31,14 +32,6 @@ JSON_KEYS = {
 NO_KEPT = {"not_persisted": 0, "differs": 0, "invalid": 0, "recently_used": 0, "changed": 0}
 
 
-def _rows(pg: Pg, rows: dict[int, str]) -> None:
-    for telegram_id, balance in rows.items():
-        pg.execute(
-            "INSERT INTO user_balances (telegram_id, balance) VALUES (%s, %s)",
-            (telegram_id, Decimal(balance)),
-        )
-
-
 def _keys(rds: redis.Redis, prefix: str) -> dict[bytes, bytes]:
     found = {}
     for key in rds.scan_iter(match=prefix + "*"):
@@ -49,7 +42,7 @@ def _keys(rds: redis.Redis, prefix: str) -> dict[bytes, bytes]:
 
 def _mixed(rds: redis.Redis, pg: Pg, prefix: str) -> None:
     """Two deletable keys and one of each kind clear-cache keeps."""
-    _rows(pg, {1: "1500.00", 2: "42.50", 3: "11.00"})
+    insert_rows(pg, {1: "1500.00", 2: "42.50", 3: "11.00"})
     rds.mset(
         {
             f"{prefix}1": "1500",  # equals 1500.00 as a number
@@ -141,7 +134,7 @@ def test_quiet_prints_nothing(initialized, rds, pg, key_prefix):
 
 def test_exact_decimal_comparison_never_float(initialized, rds, pg, key_prefix):
     """Trailing zeros and negatives compare exactly; 0.1+0.2-style float noise cannot match."""
-    _rows(pg, {1: "1500.10", 2: "-5.00", 3: "0.30", 4: "100000000000000000.01"})
+    insert_rows(pg, {1: "1500.10", 2: "-5.00", 3: "0.30", 4: "100000000000000000.01"})
     rds.mset(
         {
             f"{key_prefix}1": "1500.1",
@@ -157,7 +150,7 @@ def test_exact_decimal_comparison_never_float(initialized, rds, pg, key_prefix):
 
 def test_cents_format_compares_minor_units(initialized, rds, pg, key_prefix):
     """--value-format cents: '150000' equals 1500.00; a decimal string is invalid there."""
-    _rows(pg, {1: "1500.00", 2: "1500.00"})
+    insert_rows(pg, {1: "1500.00", 2: "1500.00"})
     rds.mset({f"{key_prefix}1": "150000", f"{key_prefix}2": "1500.00"})
     data = _json(initialized("clear-cache", "--yes", "--json", "--value-format", "cents"))
     assert data["deleted"] == 1
@@ -188,7 +181,7 @@ def test_a_balance_written_between_read_and_delete_survives(
     initialized, rds, pg, key_prefix, monkeypatch
 ):
     """The application writes while PostgreSQL is read: the new balance stays in Redis."""
-    _rows(pg, {1: "10.00", 2: "20.00"})
+    insert_rows(pg, {1: "10.00", 2: "20.00"})
     rds.mset({f"{key_prefix}1": "10.00", f"{key_prefix}2": "20.00"})
     fetch = Reads.persisted_balances
 
@@ -249,7 +242,7 @@ def test_refuses_without_yes_when_stdin_is_not_a_terminal(initialized, rds, pg, 
 
 def test_idle_days_keeps_keys_touched_recently(initialized, rds, pg, key_prefix):
     """--idle-days 1 keeps freshly written keys (OBJECT IDLETIME below a day); 0 takes them."""
-    _rows(pg, {1: "1.00", 2: "2.00"})
+    insert_rows(pg, {1: "1.00", 2: "2.00"})
     rds.mset({f"{key_prefix}1": "1.00", f"{key_prefix}2": "2.00", f"{key_prefix}3": "3.00"})
     recent = _json(initialized("clear-cache", "--yes", "--json", "--idle-days", "1"))
     assert (recent["scanned"], recent["deleted"]) == (3, 0)
@@ -289,7 +282,7 @@ def test_memory_is_na_where_the_server_refuses_memory_and_info(
 ):
     """MEMORY USAGE and INFO denied by ACL: the figure is null (n/a), the clearing still works."""
     client = redis.Redis.from_url(own_valkey.url)
-    _rows(pg, {1: "1.00"})
+    insert_rows(pg, {1: "1.00"})
     client.set(f"{key_prefix}1", "1.00")
     client.acl_setuser("default", enabled=True, nopass=True, commands=["-memory", "-info"])
     env = {"BALSYNC_REDIS_URL": own_valkey.url}
@@ -323,7 +316,7 @@ def test_skips_while_a_sync_holds_the_table_lock(initialized, rds, pg, key_prefi
 
 def test_works_page_by_page(env, rds, pg, key_prefix, initialized):
     """Many SCAN pages: every persisted key goes, every other stays."""
-    _rows(pg, {i: f"{i}.00" for i in range(1, 41)})
+    insert_rows(pg, {i: f"{i}.00" for i in range(1, 41)})
     rds.mset({f"{key_prefix}{i}": f"{i}" for i in range(1, 51)})
     settings = resolve_settings({}, env)
     result = clear_cache(settings, ClearOptions(scan_count=3))
@@ -384,7 +377,7 @@ def test_stops_without_deleting_when_a_sync_takes_the_lock_mid_run(
     initialized, rds, pg, key_prefix, database_url, monkeypatch
 ):
     """The lock's connection dies and a sync takes the lock: exit 5, the page is not deleted."""
-    _rows(pg, {1: "1.00"})
+    insert_rows(pg, {1: "1.00"})
     rds.set(f"{key_prefix}1", "1.00")
     thief = Database(database_url, retry_timeout=5)
     fetch = Reads.persisted_balances

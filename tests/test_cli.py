@@ -20,8 +20,8 @@ from balance_sync.cli import cli
 from balance_sync.monitoring.logs import LOGGER
 from balance_sync.settings import TableName
 from balance_sync.stores.postgres import Database, TableLock
-from tests.conftest import Balsync, balances, sync_json_keys
-from tests.devservers import free_port
+from tests.helpers import Balsync, balances, sync_json_keys
+from tests.support.devservers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cret"  # noqa: S105 - a test password that output must never show

@@ -18,7 +18,7 @@ import balance_sync.cli.options
 from balance_sync.cli import cli
 from balance_sync.cli.options import SETTING_OPTIONS, SettingOption, setting_default
 from balance_sync.settings import SETTING_ENV, Settings, resolve_settings
-from tests.conftest import Balsync
+from tests.helpers import Balsync
 
 Pg = psycopg.Connection[tuple[object, ...]]
 FIELDS = frozenset(f.name for f in dataclasses.fields(Settings))

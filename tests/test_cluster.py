@@ -20,8 +20,9 @@ from redis.cluster import RedisCluster
 from balance_sync.settings import resolve_settings
 from balance_sync.stores.redis import RedisStore, TrackedWrites, adjustment_key, dirty_keys
 from balance_sync.writer import BalanceMissing, BalanceWriter
-from tests.conftest import Balsync, Servers, balances
-from tests.devservers import ValkeyCluster, free_port
+from tests import helpers
+from tests.helpers import Balsync, Servers, balances
+from tests.support.devservers import ValkeyCluster, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -83,13 +84,7 @@ def dataset(prefix: str, size: int, seed: int = 7) -> tuple[dict[str, str], dict
 
 def seed(client: redis.Redis | RedisCluster, keys: Mapping[str, str], prefix: str) -> None:
     """SET every key, plus three keys of other types (invalid records)."""
-    items = list(keys.items())
-    for start in range(0, len(items), 5000):
-        chunk = dict(items[start : start + 5000])
-        if isinstance(client, RedisCluster):
-            client.mset_nonatomic(chunk)  # type: ignore[arg-type]
-        else:
-            client.mset(chunk)  # type: ignore[arg-type]
+    helpers.seed(client, "", keys)
     client.rpush(f"{prefix}900000001", "1")
     client.hset(f"{prefix}900000002", "balance", "1")
     client.sadd(f"{prefix}900000003", "1")

@@ -17,7 +17,8 @@ import pytest
 import redis
 from click.testing import Result
 
-from tests.conftest import Balsync
+from tests import helpers
+from tests.helpers import Balsync
 
 PG = psycopg.Connection[tuple[object, ...]]
 TABLE = ("--table", "users", "--id-column", "id", "--balance-column", "money")
@@ -78,7 +79,8 @@ def users(pg: PG, balsync: Balsync, request: pytest.FixtureRequest) -> str:
 
 
 def seed(rds: redis.Redis, prefix: str, amounts: dict[int, Decimal], value_format: str) -> None:
-    rds.mset({f"{prefix}{i}": redis_text(a, value_format) for i, a in amounts.items()})
+    """Each amount as the application writes it in `value_format`."""
+    helpers.seed(rds, prefix, {i: redis_text(a, value_format) for i, a in amounts.items()})
 
 
 def money(pg: PG) -> dict[int, Decimal]:

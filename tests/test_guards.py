@@ -10,8 +10,8 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import Balsync, balances
-from tests.devservers import ValkeyServer
+from tests.helpers import Balsync, balances
+from tests.support.devservers import ValkeyServer
 
 
 def sync_json(balsync: Balsync, *args: str) -> tuple[int, dict[str, object]]:

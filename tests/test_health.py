@@ -20,8 +20,8 @@ import redis
 
 from balance_sync.ops import health
 from balance_sync.ops.health import format_duration
-from tests.conftest import Balsync
-from tests.devservers import ValkeyServer, free_port
+from tests.helpers import Balsync
+from tests.support.devservers import ValkeyServer, free_port
 
 CHECKS = [
     "redis",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deploy import ROOT, container, cronjobs
+from tests.support.deploy import ROOT, container, cronjobs
 
 DOCKERFILE = ROOT / "Dockerfile"
 VENV = "/opt/balsync/.venv"

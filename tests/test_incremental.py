@@ -10,7 +10,7 @@ import redis
 
 from balance_sync.stores.redis import RedisStore, dirty_keys
 from balance_sync.writer import BalanceWriter
-from tests.conftest import Balsync, Servers, balances
+from tests.helpers import Balsync, Servers, balances
 
 
 def run(balsync: Balsync, *args: str) -> dict[str, object]:

@@ -24,8 +24,9 @@ import redis.exceptions as rx
 from psycopg import sql
 
 from balance_sync.writer import BalanceWriter
-from tests.conftest import Balsync
-from tests.devservers import ValkeyServer, _pg_bin
+from tests import helpers
+from tests.helpers import Balsync
+from tests.support.devservers import ValkeyServer, _pg_bin
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ROLE_SQL = DEPLOY / "postgres-role.sql"
@@ -153,14 +154,13 @@ def restricted(
 
 def seed(r: Restricted, values: dict[str, str]) -> None:
     """Set {suffix: value} under the prefix, as the bot would (admin connection)."""
-    r.admin_redis.mset({r.key(suffix): value for suffix, value in values.items()})
+    helpers.seed(r.admin_redis, r.prefix, values)
 
 
 def balances(database_url: str) -> dict[int, str]:
     """The target table as {id: balance text}, read as the admin."""
     with psycopg.connect(database_url) as conn:
-        rows = conn.execute("SELECT telegram_id, balance::text FROM user_balances").fetchall()
-    return {int(i): str(b) for i, b in rows}
+        return helpers.balances(conn)
 
 
 def run(r: Restricted, *args: str) -> dict:

@@ -18,7 +18,7 @@ import pytest
 
 from balance_sync.stores.postgres import LOCK_CLASS
 from balance_sync.stores.postgres import connection as pg_connection
-from tests.conftest import Balsync
+from tests.helpers import Balsync
 
 WATCHDOG = 2.0  # seconds one statement may go unanswered in these tests
 HOLD = 3 * WATCHDOG  # how long "the hourly run" holds the table

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deploy import ROOT, exec_start, option, unit
-from tests.tools import require_tool
+from tests.support.deploy import ROOT, exec_start, option, unit
+from tests.support.tools import require_tool
 
 CONFIG = ROOT / "deploy" / "logrotate" / "balsync"
 KEYS = 20_000

@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 
 from balance_sync.monitoring.logs import LOGGER, setup_logging
-from tests.netutil import closed_port
+from tests.support.netutil import closed_port
 
 # Made-up passwords the tests look for in the output.
 REDIS_PASSWORD = "redis-pw-Zq81"  # noqa: S105

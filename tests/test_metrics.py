@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from balance_sync.monitoring.metrics import RunMetrics, previous_success, write_metrics
-from tests.conftest import Balsync
-from tests.devservers import ValkeyServer
-from tests.netutil import closed_port
+from tests.helpers import Balsync
+from tests.support.devservers import ValkeyServer
+from tests.support.metrics import TABLE, Metrics
+from tests.support.netutil import closed_port
 
-TABLE = "user_balances"
 NAMES = {
     "balsync_last_run_timestamp_seconds",
     "balsync_last_success_timestamp_seconds",
@@ -28,36 +27,6 @@ NAMES = {
     "balsync_redis_restart_pending",
 }
 DOWN = {"BALSYNC_RETRY_TIMEOUT": "0"}
-
-
-class Metrics:
-    """A parsed textfile: one value per (name, labels)."""
-
-    def __init__(self, path: Path) -> None:
-        self.samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-        for family in text_string_to_metric_families(path.read_text()):
-            for sample in family.samples:
-                self.samples[sample.name, frozenset(sample.labels.items())] = sample.value
-
-    def __call__(self, name: str, **labels: str) -> float:
-        return self.samples[name, frozenset({"table": TABLE, **labels}.items())]
-
-    @property
-    def names(self) -> set[str]:
-        return {name for name, _ in self.samples}
-
-    def status(self) -> str:
-        """The one status whose gauge is 1."""
-        on = [s for s in ("success", "partial", "skipped", "failed") if self(STATUS, status=s)]
-        assert len(on) == 1, on
-        return on[0]
-
-    def records(self) -> dict[str, float]:
-        kinds = ("processed", "inserted", "updated", "unchanged", "skipped", "invalid")
-        return {kind: self("balsync_last_run_records", kind=kind) for kind in kinds}
-
-
-STATUS = "balsync_last_run_status"
 LAST_RUN = "balsync_last_run_timestamp_seconds"
 LAST_SUCCESS = "balsync_last_success_timestamp_seconds"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deploy import ROOT
-from tests.test_progress import terminal_output
+from tests.helpers import terminal_output
+from tests.support.deploy import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 BALSYNC = Path(sys.executable).parent / "balsync"  # the console script of this venv

@@ -14,9 +14,8 @@ import redis
 
 from balance_sync.stores.postgres import LOCK_CLASS
 from balance_sync.writer import BalanceWriter
-from tests.conftest import Balsync, balances
-from tests.pgbouncer import PgBouncer
-from tests.test_sync import lock_held
+from tests.helpers import Balsync, balances, lock_held
+from tests.support.pgbouncer import PgBouncer
 
 Conn = psycopg.Connection[tuple[object, ...]]
 REFUSAL = "transaction pooling"

@@ -13,7 +13,7 @@ import pytest
 
 from balance_sync import __version__
 from balance_sync.monitoring.ping import mask_ping_url, ping_url, send
-from tests.netutil import PingServer, closed_port, ping_server
+from tests.support.netutil import PingServer, closed_port, ping_server
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pty
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from balance_sync.ops.estimate import expected_keys
 from balance_sync.ops.sync import SyncOptions
 from balance_sync.settings import resolve_settings
 from balance_sync.writer import BalanceWriter
+from tests.helpers import terminal_output
 
 KEYS = 6_000
 
@@ -32,32 +32,6 @@ ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def on_terminal(env: dict[str, str], *args: str) -> str:
     """What a person at a terminal sees of balsync's stderr, escape sequences removed."""
     return ESCAPE.sub("", terminal_output(env, *args))
-
-
-def terminal_output(env: dict[str, str], *args: str, stream: str = "stderr") -> str:
-    """Run balsync with its stderr (or stdout) on a pseudo-terminal, as a person at a shell
-    does, the other stream discarded; all the terminal received, escape sequences included."""
-    controller, terminal = pty.openpty()
-    streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, stream: terminal}
-    run = subprocess.Popen(
-        [sys.executable, "-m", "balance_sync", *args],
-        env={**os.environ, **env, "COLUMNS": "120", "TERM": "xterm"},
-        stdin=subprocess.DEVNULL,
-        **streams,
-    )
-    os.close(terminal)
-    shown = bytearray()
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:  # the terminal closed: the run ended
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(controller)
-    assert run.wait(timeout=60) == 0
-    return shown.decode(errors="replace")
 
 
 def test_bar_shows_percentage_and_time_left_against_the_last_runs_count(seeded, env):

@@ -13,7 +13,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from balance_sync.monitoring.metrics import RunMetrics, write_metrics
-from tests.tools import require_tool
+from tests.support.tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from balance_sync.ops import retention
 from balance_sync.settings import DURATION_UNITS, TableName, duration_text, parse_duration
 from balance_sync.stores.postgres import Database, Ledger, RedisTrust, TableLock
-from tests.conftest import Balsync
-from tests.test_metrics import Metrics
+from tests.helpers import Balsync
+from tests.support.metrics import Metrics
 
 Conn = psycopg.Connection[tuple[object, ...]]
 TABLE = TableName("user_balances")

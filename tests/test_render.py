@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import Balsync
+from tests.helpers import Balsync
 
 MAX_ID = 9223372036854775807
 TOP = "999999999999999999.99"  # the largest balance SPEC allows

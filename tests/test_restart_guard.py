@@ -19,8 +19,8 @@ import redis
 from balance_sync.errors import RedisChanged
 from balance_sync.ops.sync import SyncOptions, run_sync
 from balance_sync.settings import Settings
-from tests.conftest import Balsync, balances
-from tests.devservers import ValkeyServer
+from tests.helpers import Balsync, balances
+from tests.support.devservers import ValkeyServer
 
 PERSISTED = {1: "1500.00", 2: "20.00", 3: "3.00"}
 

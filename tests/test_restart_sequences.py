@@ -20,8 +20,8 @@ import redis
 from redis.cluster import RedisCluster
 
 from balance_sync.stores.redis import trust_marker
-from tests.conftest import Balsync, balances
-from tests.devservers import ValkeyCluster, ValkeyServer, replicated
+from tests.helpers import Balsync, balances
+from tests.support.devservers import ValkeyCluster, ValkeyServer, replicated
 
 PERSISTED = {1: "1500.00", 2: "20.00", 3: "3.00"}
 
@@ -600,7 +600,7 @@ def test_holds_another_installation_overwriting_the_marker(bench, pg, database_u
     import psycopg
     from psycopg import sql
 
-    from tests.conftest import with_database
+    from tests.helpers import with_database
 
     other = with_database(database_url, "balsync_other_install")
     admin = psycopg.connect(database_url, autocommit=True)

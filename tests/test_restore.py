@@ -15,19 +15,12 @@ from balance_sync.settings import TableName, resolve_settings
 from balance_sync.stores.postgres import Database, TableLock
 from balance_sync.stores.redis import RedisStore
 from balance_sync.validation import parse_balance, redis_value
-from tests.devservers import ValkeyServer, free_port
-from tests.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
+from tests.helpers import insert_rows
+from tests.support.devservers import ValkeyServer, free_port
+from tests.support.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
 
 Pg = psycopg.Connection[tuple[object, ...]]
 JSON_KEYS = {"status", "dry_run", "total", "restored", "already_present", "invalid", "not_found"}
-
-
-def _rows(pg: Pg, rows: dict[int, str]) -> None:
-    for telegram_id, balance in rows.items():
-        pg.execute(
-            "INSERT INTO user_balances (telegram_id, balance) VALUES (%s, %s)",
-            (telegram_id, Decimal(balance)),
-        )
 
 
 def _json(result: object) -> dict[str, object]:
@@ -39,7 +32,7 @@ def _json(result: object) -> dict[str, object]:
 
 def test_restores_missing_keys_and_never_overwrites_one(initialized, rds, pg, key_prefix):
     """Missing keys get PostgreSQL's text; a key the application wrote keeps its value (NX)."""
-    _rows(pg, {1: "1500.00", 2: "42.50", 3: "-3.50"})
+    insert_rows(pg, {1: "1500.00", 2: "42.50", 3: "-3.50"})
     rds.set(f"{key_prefix}2", "99")
     result = initialized("restore", "--json")
     data = _json(result)
@@ -60,7 +53,7 @@ def test_restores_missing_keys_and_never_overwrites_one(initialized, rds, pg, ke
 
 def test_a_key_of_another_type_counts_as_present(initialized, rds, pg, key_prefix):
     """SET NX leaves a key of another type alone, and says so."""
-    _rows(pg, {1: "1.00"})
+    insert_rows(pg, {1: "1.00"})
     rds.hset(f"{key_prefix}1", "x", "1")
     assert _json(initialized("restore", "--json"))["already_present"] == 1
     assert rds.type(f"{key_prefix}1") == b"hash"
@@ -68,7 +61,7 @@ def test_a_key_of_another_type_counts_as_present(initialized, rds, pg, key_prefi
 
 def test_dry_run_counts_and_writes_nothing(initialized, rds, pg, key_prefix):
     """--dry-run says how many keys are missing; Redis is left as it was."""
-    _rows(pg, {1: "1.00", 2: "2.00", 3: "3.00"})
+    insert_rows(pg, {1: "1.00", 2: "2.00", 3: "3.00"})
     rds.set(f"{key_prefix}3", "3.00")
     data = _json(initialized("restore", "--dry-run", "--json"))
     assert data["dry_run"] is True
@@ -81,7 +74,7 @@ def test_dry_run_counts_and_writes_nothing(initialized, rds, pg, key_prefix):
 
 def test_ids_restores_only_those_and_counts_ids_without_a_row(initialized, rds, pg, key_prefix):
     """--ids 1,3,7: only those keys; 7 has no row and is counted as not found."""
-    _rows(pg, {1: "1.00", 2: "2.00", 3: "3.00"})
+    insert_rows(pg, {1: "1.00", 2: "2.00", 3: "3.00"})
     data = _json(initialized("restore", "--ids", "1, 3,7,1", "--json"))
     assert (data["total"], data["restored"], data["not_found"]) == (2, 2, 1)
     assert rds.exists(f"{key_prefix}1", f"{key_prefix}3") == 2
@@ -94,7 +87,7 @@ def test_ids_restores_only_those_and_counts_ids_without_a_row(initialized, rds, 
 )
 def test_a_bad_id_list_is_exit_2(initialized, rds, pg, key_prefix, ids):
     """--ids takes only telegram ids (1..2^63-1, canonical): else exit 2, nothing written."""
-    _rows(pg, {1: "1.00"})
+    insert_rows(pg, {1: "1.00"})
     result = initialized("restore", "--ids", ids)
     assert result.exit_code == 2
     assert "invalid --ids" in result.stderr
@@ -109,7 +102,7 @@ def test_parse_ids_keeps_order_and_drops_repeats():
 
 def test_cents_format_writes_integer_minor_units(initialized, rds, pg, key_prefix):
     """--value-format cents: 1500.00 becomes '150000', exactly."""
-    _rows(pg, {1: "1500.00", 2: "0.05", 3: "-3.50", 4: "0.00"})
+    insert_rows(pg, {1: "1500.00", 2: "0.05", 3: "-3.50", 4: "0.00"})
     data = _json(initialized("restore", "--json", "--value-format", "cents"))
     assert data["restored"] == 4
     values = rds.mget([f"{key_prefix}{i}" for i in (1, 2, 3, 4)])
@@ -191,7 +184,7 @@ def test_skips_while_another_run_holds_the_table_lock(
     initialized, rds, pg, key_prefix, database_url
 ):
     """A sync or clear-cache holds the lock: exit 0, status skipped, nothing written."""
-    _rows(pg, {1: "1.00"})
+    insert_rows(pg, {1: "1.00"})
     holder = Database(database_url, retry_timeout=5)
     try:
         assert TableLock(holder).try_lock(TableName("user_balances"), 0)
@@ -207,7 +200,7 @@ def test_skips_while_another_run_holds_the_table_lock(
 
 def test_yes_is_accepted_and_nothing_is_asked(initialized, rds, pg, key_prefix):
     """restore never prompts, with or without --yes, even when stdin is not a terminal."""
-    _rows(pg, {1: "1.00", 2: "2.00"})
+    insert_rows(pg, {1: "1.00", 2: "2.00"})
     plain = initialized("restore", "--ids", "1")
     assert plain.exit_code == 0, plain.stderr
     assert "restored" in plain.stdout
@@ -218,7 +211,7 @@ def test_yes_is_accepted_and_nothing_is_asked(initialized, rds, pg, key_prefix):
 
 def test_quiet_prints_nothing(initialized, pg):
     """--quiet: a successful restore says nothing."""
-    _rows(pg, {1: "1.00"})
+    insert_rows(pg, {1: "1.00"})
     result = initialized("restore", "--quiet")
     assert result.exit_code == 0
     assert result.stdout == ""
@@ -226,7 +219,7 @@ def test_quiet_prints_nothing(initialized, pg):
 
 def test_streams_in_batches(env, initialized, rds, pg, key_prefix):
     """Rows come a batch at a time from a server-side cursor; every one arrives once."""
-    _rows(pg, {i: f"{i}.00" for i in range(1, 12)})
+    insert_rows(pg, {i: f"{i}.00" for i in range(1, 12)})
     result = run_restore(resolve_settings({}, env), RestoreOptions(batch_size=3))
     assert (result.total, result.restored, result.already_present) == (11, 11, 0)
     assert rds.get(f"{key_prefix}11") == b"11.00"
@@ -236,7 +229,7 @@ def test_a_broken_stream_resumes_after_the_last_row(
     env, initialized, rds, pg, key_prefix, monkeypatch
 ):
     """PostgreSQL drops the streaming connection mid-run: it reopens after the last id, once."""
-    _rows(pg, {i: f"{i}.00" for i in range(1, 11)})
+    insert_rows(pg, {i: f"{i}.00" for i in range(1, 11)})
     write = RedisStore.set_missing
     calls = []
 
@@ -318,7 +311,7 @@ def test_a_locked_table_ends_restore_with_exit_4_and_releases_the_lock(
 ):
     """Another session holds the table ACCESS EXCLUSIVE: exit 4 after about one deadline
     instead of waiting forever, and balsync's own lock goes, so the next sync runs."""
-    _rows(pg, {1: "1.00", 2: "2.00"})
+    insert_rows(pg, {1: "1.00", 2: "2.00"})
     short_deadline(monkeypatch)
     with table_lock(database_url) as lock:
         result, took = ends_in_time(lock, lambda: initialized("restore", "--retry-timeout", BUDGET))

@@ -26,9 +26,9 @@ from balance_sync.errors import BalsyncError
 from balance_sync.settings import SETTING_ENV
 from balance_sync.stores.postgres import text_of
 from balance_sync.stores.redis import RedisStore
-from tests.conftest import Balsync, balances
-from tests.devservers import PostgresServer, ValkeyServer, free_port
-from tests.netutil import ping_server
+from tests.helpers import Balsync, balances
+from tests.support.devservers import PostgresServer, ValkeyServer, free_port
+from tests.support.netutil import ping_server
 
 PG_PASSWORD = "PgSecret456"  # noqa: S105 - the throwaway servers' own
 REDIS_PASSWORD = "RedisSecret123"  # noqa: S105

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import Balsync, balances
-from tests.devservers import ValkeySentinels, ValkeyServer, free_port, replicated
+from tests.helpers import Balsync, balances
+from tests.support.devservers import ValkeySentinels, ValkeyServer, free_port, replicated
 
 
 def sync(tool: Balsync, *args: str) -> tuple[int, dict[str, object]]:

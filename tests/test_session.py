@@ -11,7 +11,7 @@ from balance_sync.errors import RedisUnavailable
 from balance_sync.ops.session import table_session
 from balance_sync.settings import Settings, TableName, resolve_settings
 from balance_sync.stores.postgres import Database, Schema, TableLock
-from tests.devservers import free_port
+from tests.support.devservers import free_port
 
 Pg = psycopg.Connection[tuple[object, ...]]
 TABLE = TableName("user_balances")

@@ -19,9 +19,9 @@ import pytest
 from balance_sync.settings import TableName
 from balance_sync.stores.postgres import Database, RunLock
 from balance_sync.stores.postgres import connection as pg_connection
-from tests.conftest import Balsync
-from tests.devservers import free_port
-from tests.tools import require_tool
+from tests.helpers import Balsync
+from tests.support.devservers import free_port
+from tests.support.tools import require_tool
 
 NAMES = (
     "tcp_keepalives_idle",

@@ -12,7 +12,7 @@ from redis.connection import parse_url
 
 from balance_sync.errors import ConfigError
 from balance_sync.settings import Settings, TableName, mask_url, resolve_settings
-from tests.conftest import tmp_file
+from tests.helpers import tmp_file
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import balances
+from tests.helpers import balances
 
 
 def test_first_sync_inserts_every_valid_key(initialized, rds, key_prefix, pg):

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 import redis
 
-from tests.conftest import Balsync
-from tests.devservers import free_port
+from tests.helpers import Balsync
+from tests.support.devservers import free_port
 
 Conn = psycopg.Connection[tuple[object, ...]]
 

@@ -29,8 +29,8 @@ from balance_sync.ops.schedule import (
 )
 from balance_sync.settings import TableName
 from balance_sync.stores.postgres import Database, TableLock
-from tests.conftest import Balsync
-from tests.devservers import free_port
+from tests.helpers import Balsync
+from tests.support.devservers import free_port
 
 Conn = psycopg.Connection[tuple[object, ...]]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from balance_sync.ops.systemd import parse_list_timers
-from tests.conftest import Balsync
+from tests.helpers import Balsync
 
 HOURLY_NEXT = datetime(2026, 12, 1, 20, 0, tzinfo=UTC)
 HOURLY_LAST = datetime(2026, 12, 1, 19, 0, tzinfo=UTC)

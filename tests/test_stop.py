@@ -14,7 +14,7 @@ from balance_sync.settings import resolve_settings
 from balance_sync.stopping import StopRequest
 from balance_sync.stores.redis import dirty_keys
 from balance_sync.writer import BalanceWriter
-from tests.conftest import Balsync, balances
+from tests.helpers import Balsync, balances
 
 
 def test_a_stopped_incremental_run_is_recorded_failed_and_keeps_its_claim(

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
-from psycopg import sql
 
-from tests.conftest import Balsync
-from tests.devservers import ValkeyServer, free_port
-from tests.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
+from tests.helpers import Balsync, insert_rows, seed
+from tests.support.devservers import ValkeyServer, free_port
+from tests.support.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
 
 
 def verify_json(balsync: Balsync, *args: str, env: dict[str, str] | None = None) -> dict:
@@ -22,23 +20,6 @@ def verify_json(balsync: Balsync, *args: str, env: dict[str, str] | None = None)
     data = json.loads(result.stdout)
     data["exit_code"] = result.exit_code
     return data
-
-
-def seed(rds: redis.Redis, prefix: str, values: dict[str, str]) -> None:
-    """Set {suffix: value} under the test's prefix."""
-    if values:
-        rds.mset({prefix + suffix: value for suffix, value in values.items()})
-
-
-def rows(pg: psycopg.Connection, values: dict[int, str], table: str = "user_balances") -> None:
-    """Insert {id: balance} into the target table."""
-    for telegram_id, balance in values.items():
-        pg.execute(
-            sql.SQL("INSERT INTO {} (telegram_id, balance) VALUES (%s, %s)").format(
-                sql.Identifier(table)
-            ),
-            (telegram_id, balance),
-        )
 
 
 def test_in_sync_after_a_sync_exits_0_with_equal_sums(initialized, rds, key_prefix):
@@ -83,7 +64,7 @@ def test_empty_sides_are_in_sync_with_zero_sums(initialized):
 def test_key_missing_in_postgres_is_drift(initialized, rds, key_prefix, pg):
     """A valid key without a row is reported with its id, key and Redis value; exit 1."""
     seed(rds, key_prefix, {"1": "5.00", "2": "6.25"})
-    rows(pg, {1: "5.00"})
+    insert_rows(pg, {1: "5.00"})
     data = verify_json(initialized)
     assert (data["status"], data["exit_code"]) == ("drift", 1)
     assert (data["missing_in_pg"], data["differing"], data["missing_in_redis"]) == (1, 0, 0)
@@ -96,7 +77,7 @@ def test_key_missing_in_postgres_is_drift(initialized, rds, key_prefix, pg):
 def test_differing_value_is_drift_with_both_values(initialized, rds, key_prefix, pg):
     """A row whose balance is not the key's value is reported with both values; exit 1."""
     seed(rds, key_prefix, {"1": "5.00", "2": "6.25"})
-    rows(pg, {1: "5.00", 2: "6.26"})
+    insert_rows(pg, {1: "5.00", 2: "6.26"})
     data = verify_json(initialized)
     assert (data["status"], data["exit_code"]) == ("drift", 1)
     assert (data["missing_in_pg"], data["differing"], data["missing_in_redis"]) == (0, 1, 0)
@@ -108,7 +89,7 @@ def test_differing_value_is_drift_with_both_values(initialized, rds, key_prefix,
 def test_row_missing_in_redis_is_drift(initialized, rds, key_prefix, pg):
     """A row whose key is absent from Redis is reported with its balance; exit 1."""
     seed(rds, key_prefix, {"1": "5.00"})
-    rows(pg, {1: "5.00", 77: "-3.50"})
+    insert_rows(pg, {1: "5.00", 77: "-3.50"})
     data = verify_json(initialized)
     assert (data["status"], data["exit_code"]) == ("drift", 1)
     assert (data["missing_in_pg"], data["differing"], data["missing_in_redis"]) == (0, 0, 1)
@@ -121,7 +102,7 @@ def test_row_missing_in_redis_is_drift(initialized, rds, key_prefix, pg):
 def test_every_kind_of_drift_at_once_in_the_human_output(initialized, rds, key_prefix, pg):
     """The human report lists one table per kind of discrepancy, keys printed verbatim."""
     seed(rds, key_prefix, {"1": "1.00", "2": "2.00", "3": "3.00"})
-    rows(pg, {1: "1.00", 2: "2.50", 4: "4.00"})
+    insert_rows(pg, {1: "1.00", 2: "2.50", 4: "4.00"})
     result = initialized("verify")
     assert result.exit_code == 1, result.stderr
     for title in ("Missing in PostgreSQL", "Differing", "Missing in Redis"):
@@ -144,7 +125,7 @@ def test_values_are_compared_as_exact_decimals_not_text_nor_float(initialized, r
             "5": "999999999999999999.99",
         },
     )
-    rows(
+    insert_rows(
         pg,
         {1: "42.00", 2: "0.10", 3: "0.00", 4: "999999999999999999.99", 5: "999999999999999999.98"},
     )
@@ -159,7 +140,7 @@ def test_sums_are_exact_beyond_float_precision(initialized, rds, key_prefix, pg)
     """Sums add as exact decimals: ten values near 10^18 plus cents lose nothing."""
     big = "999999999999999999.99"
     seed(rds, key_prefix, {str(i): big for i in range(1, 11)} | {"11": "0.01"})
-    rows(pg, dict.fromkeys(range(1, 11), big) | {11: "0.02"})
+    insert_rows(pg, dict.fromkeys(range(1, 11), big) | {11: "0.02"})
     data = verify_json(initialized)
     assert data["redis_sum"] == "9999999999999999999.91"
     assert data["pg_sum"] == "9999999999999999999.92"
@@ -181,7 +162,7 @@ def test_invalid_keys_are_counted_and_ignored(initialized, rds, key_prefix, pg):
         },
     )
     rds.hset(key_prefix + "5", "balance", "9.00")
-    rows(pg, {1: "5.00", 2: "1.00", 3: "2.00", 4: "3.00", 5: "9.00"})
+    insert_rows(pg, {1: "5.00", 2: "1.00", 3: "2.00", 4: "3.00", 5: "9.00"})
     data = verify_json(initialized)
     assert (data["status"], data["exit_code"]) == ("in_sync", 0)
     assert (data["redis_keys"], data["valid_keys"], data["invalid_keys"]) == (7, 1, 6)
@@ -192,7 +173,7 @@ def test_invalid_keys_are_counted_and_ignored(initialized, rds, key_prefix, pg):
 def test_allow_negative_compares_negative_balances(initialized, rds, key_prefix, pg):
     """A negative value is invalid (ignored) by default and compared with --allow-negative."""
     seed(rds, key_prefix, {"1": "-2.00"})
-    rows(pg, {1: "-3.00"})
+    insert_rows(pg, {1: "-3.00"})
     assert verify_json(initialized)["invalid_keys"] == 1
     data = verify_json(initialized, "--allow-negative")
     assert (data["invalid_keys"], data["differing"], data["redis_sum"]) == (0, 1, "-2.00")
@@ -201,7 +182,7 @@ def test_allow_negative_compares_negative_balances(initialized, rds, key_prefix,
 def test_cents_value_format_compares_minor_units(initialized, rds, key_prefix, pg):
     """With --value-format cents, "150000" equals 1500.00 and "150001" differs as 1500.01."""
     seed(rds, key_prefix, {"1": "150000", "2": "150001", "3": "7"})
-    rows(pg, {1: "1500.00", 2: "1500.00", 3: "0.07"})
+    insert_rows(pg, {1: "1500.00", 2: "1500.00", 3: "0.07"})
     data = verify_json(initialized, "--value-format", "cents")
     assert data["differing"] == 1
     assert data["examples"]["differing"] == [
@@ -216,8 +197,8 @@ def test_limit_caps_the_examples_not_the_counts(initialized, rds, key_prefix, pg
     """--limit N lists at most N examples of each kind; the counts stay complete."""
     seed(rds, key_prefix, {str(i): "1.00" for i in range(1, 6)})
     seed(rds, key_prefix, {str(i): "1.00" for i in range(11, 16)})
-    rows(pg, dict.fromkeys(range(11, 16), "2.00"))
-    rows(pg, dict.fromkeys(range(21, 26), "3.00"))
+    insert_rows(pg, dict.fromkeys(range(11, 16), "2.00"))
+    insert_rows(pg, dict.fromkeys(range(21, 26), "3.00"))
     data = verify_json(initialized, "--limit", "2")
     assert (data["missing_in_pg"], data["differing"], data["missing_in_redis"]) == (5, 5, 5)
     assert [len(v) for v in data["examples"].values()] == [2, 2, 2]
@@ -302,7 +283,7 @@ def test_verbose_logs_ignored_keys_and_the_summary(initialized, rds, key_prefix,
 def test_verify_writes_nothing_in_postgres(initialized, rds, key_prefix, pg, database_url):
     """Verify runs in a session where every transaction is read-only, and changes no row."""
     seed(rds, key_prefix, {"1": "1.00", "2": "2.00", "bad": "x"})
-    rows(pg, {2: "3.00", 3: "4.00"})
+    insert_rows(pg, {2: "3.00", 3: "4.00"})
     before = pg.execute("SELECT * FROM user_balances ORDER BY 1").fetchall()
     runs = pg.execute("SELECT count(*) FROM balsync.sync_runs").fetchone()
     read_only = f"{database_url} options='-c default_transaction_read_only=on'"
@@ -327,7 +308,7 @@ def test_verify_sends_redis_only_read_commands(initialized, pg, tmp_path: Path):
         admin.mset({"balance:1": "1.00", "balance:2": "2.00", "balance:x": "y"})
         admin.expire("balance:2", 3600)
         admin.hset("balance:3", "v", "1")
-        rows(pg, {1: "1.00", 2: "2.50", 4: "4.00"})
+        insert_rows(pg, {1: "1.00", 2: "2.50", 4: "4.00"})
         before = {k: (admin.dump(k), admin.ttl(k) > 0) for k in admin.keys("*")}
         url = f"redis://reader:ReaderPass1@127.0.0.1:{server.port}/0"
         data = verify_json(
@@ -389,7 +370,7 @@ def test_a_locked_table_ends_verify_with_exit_4_instead_of_hanging(
 ):
     """Another session holds the table ACCESS EXCLUSIVE while verify streams its rows: exit 4
     after about one deadline, one line naming PostgreSQL."""
-    rows(pg, {1: "1.00", 2: "2.00"})  # no keys: the Redis pass reads no row, the stream does
+    insert_rows(pg, {1: "1.00", 2: "2.00"})  # no keys: the Redis pass reads no row, the stream does
     short_deadline(monkeypatch)
     with table_lock(database_url) as lock:
         result, took = ends_in_time(

@@ -29,24 +29,18 @@ from balance_sync.writer import (
     DatabaseLoader,
     database_loader,
 )
-from tests.conftest import Balsync, Servers, balances
+from tests.helpers import (
+    Balsync,
+    Servers,
+    assert_loader_idle,
+    balances,
+    incremental,
+    insert_rows,
+    own_keys,
+)
 
 Pg = psycopg.Connection[tuple[object, ...]]
 LIMIT_CENTS = 10**20
-
-
-def incremental(balsync: Balsync) -> dict[str, object]:
-    """`sync --incremental` as cron runs it, without the minimum interval."""
-    result = balsync("sync", "--json", "--incremental", "--min-interval", "0")
-    assert result.exit_code in (0, 1), result.stderr
-    return dict(json.loads(result.stdout))
-
-
-def own_keys(rds: redis.Redis, prefix: str) -> set[bytes]:
-    """Every key the writer may have made under a prefix: balances, marks, adjustment records."""
-    keys = set(rds.scan_iter(match=f"{prefix}*"))
-    keys |= set(rds.scan_iter(match="balsync:adj:{" + prefix + "*"))
-    return keys | {k for k in dirty_keys(prefix) if rds.exists(k)}
 
 
 @pytest.fixture
@@ -66,25 +60,6 @@ def writer(rds: redis.Redis, key_prefix: str) -> BalanceWriter:
 def reading(rds: redis.Redis, key_prefix: str, loader: DatabaseLoader) -> BalanceWriter:
     """A writer that reads missing balances through to PostgreSQL."""
     return BalanceWriter(rds, prefix=key_prefix, loader=loader)
-
-
-def assert_loader_idle(pg: Pg) -> None:
-    """The loader's pooled connections (every other one to the test's database) are idle, not
-    idle in transaction."""
-    states = pg.execute(
-        "SELECT state FROM pg_stat_activity WHERE datname = current_database() "
-        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-    ).fetchall()
-    assert states, "the loader keeps a pooled connection"
-    assert all(state == "idle" for (state,) in states), states
-
-
-def persist(pg: Pg, rows: dict[int, str]) -> None:
-    for telegram_id, balance in rows.items():
-        pg.execute(
-            "INSERT INTO user_balances (telegram_id, balance) VALUES (%s, %s)",
-            (telegram_id, Decimal(balance)),
-        )
 
 
 # -- never invent a balance ---------------------------------------------------------------
@@ -130,7 +105,7 @@ def test_set_needs_no_balance_before_it(writer, rds, key_prefix):
 
 def test_read_through_starts_from_the_persisted_balance_and_marks(reading, pg, rds, key_prefix):
     """A missing key starts from the row (in the value format in use), then is adjusted."""
-    persist(pg, {5: "1500.00"})
+    insert_rows(pg, {5: "1500.00"})
     assert reading.adjust(5, "-0.01") == Decimal("1499.99")
     assert rds.get(f"{key_prefix}5") == b"1499.99"
     assert rds.smembers(dirty_keys(key_prefix)[0]) == {b"5"}
@@ -138,7 +113,7 @@ def test_read_through_starts_from_the_persisted_balance_and_marks(reading, pg, r
 
 def test_read_through_in_cents(rds, key_prefix, loader, pg):
     """In cents the persisted 1500.00 goes back as 150000, then the adjustment is added."""
-    persist(pg, {5: "1500.00"})
+    insert_rows(pg, {5: "1500.00"})
     cents = BalanceWriter(rds, prefix=key_prefix, loader=loader, value_format="cents")
     assert cents.adjust(5, "0.25") == Decimal("1500.25")
     assert rds.get(f"{key_prefix}5") == b"150025"
@@ -147,7 +122,7 @@ def test_read_through_in_cents(rds, key_prefix, loader, pg):
 def test_a_value_written_while_postgresql_is_read_wins_and_is_adjusted(rds, key_prefix, loader, pg):
     """SET NX race: another writer puts 7.00 while the loader reads 1500.00; 7.00 wins and
     the adjustment lands on it, never on the stale persisted value."""
-    persist(pg, {9: "1500.00"})
+    insert_rows(pg, {9: "1500.00"})
 
     def racing(telegram_id: int) -> Decimal | None:
         value = loader(telegram_id)
@@ -162,7 +137,7 @@ def test_a_value_written_while_postgresql_is_read_wins_and_is_adjusted(rds, key_
 def test_concurrent_adjustments_of_a_missing_key_all_land_once(rds, key_prefix, loader, pg):
     """Eight threads adjust one missing key 25 times each: every one reads through or finds
     the key another put back, and the sum is exact."""
-    persist(pg, {11: "100.00"})
+    insert_rows(pg, {11: "100.00"})
     writer = BalanceWriter(rds, prefix=key_prefix, loader=loader)
     start = threading.Barrier(8)
 
@@ -191,7 +166,7 @@ def test_a_new_user_starts_from_zero_only_when_asked(reading, rds, key_prefix):
 
 def test_missing_zero_never_zeroes_a_persisted_balance(reading, pg, rds, key_prefix):
     """missing='zero' applies to ids with no row: a row that exists is the starting point."""
-    persist(pg, {78: "1500.00"})
+    insert_rows(pg, {78: "1500.00"})
     assert reading.adjust(78, "5", missing="zero") == Decimal("1505.00")
 
 
@@ -247,7 +222,7 @@ def test_postgresql_unreachable_writes_nothing(rds, key_prefix):
 
 def test_loader_holds_no_transaction_open(reading, pg, database_url):
     """After a lookup the pool's connection is idle, not idle in transaction."""
-    persist(pg, {5: "1.00"})
+    insert_rows(pg, {5: "1.00"})
     reading.adjust(5, "1")
     assert_loader_idle(pg)
 
@@ -392,7 +367,7 @@ def test_writer_and_an_in_process_sync_feed_each_other(
     """An application writes through the writer and runs the sync in-process with
     resolve_settings and run_sync, both reading the same settings names."""
     reading.set(1, "10.00")
-    persist(pg, {2: "20.00"})
+    insert_rows(pg, {2: "20.00"})
     reading.adjust(2, "1.00")
     environ = {
         "BALSYNC_DATABASE_URL": database_url,

@@ -23,8 +23,15 @@ from balance_sync.writer import (
     BalanceWriter,
     async_database_loader,
 )
-from tests.conftest import Balsync, Servers, balances
-from tests.test_writer import assert_loader_idle, incremental, own_keys, persist
+from tests.helpers import (
+    Balsync,
+    Servers,
+    assert_loader_idle,
+    balances,
+    incremental,
+    insert_rows,
+    own_keys,
+)
 
 pytestmark = pytest.mark.asyncio
 Pg = psycopg.Connection[tuple[object, ...]]
@@ -68,7 +75,7 @@ async def test_async_adjust_of_a_missing_key_without_a_loader_raises(awriter, rd
 
 async def test_async_read_through_starts_from_the_persisted_balance(areading, pg, rds, key_prefix):
     """A missing key starts from the row, then is adjusted and marked."""
-    persist(pg, {5: "1500.00"})
+    insert_rows(pg, {5: "1500.00"})
     assert await areading.adjust(5, "5") == Decimal("1505.00")
     assert rds.get(f"{key_prefix}5") == b"1505.00"
     assert rds.smembers(dirty_keys(key_prefix)[0]) == {b"5"}
@@ -86,7 +93,7 @@ async def test_async_value_written_while_postgresql_is_read_wins(
     ards, rds, key_prefix, aloader, pg
 ):
     """SET NX race: a value another writer puts during the read-through is the one adjusted."""
-    persist(pg, {9: "1500.00"})
+    insert_rows(pg, {9: "1500.00"})
 
     async def racing(telegram_id: int) -> Decimal | None:
         value = await aloader(telegram_id)
@@ -101,7 +108,7 @@ async def test_async_concurrent_adjustments_of_a_missing_key_all_land_once(
     areading, rds, key_prefix, pg
 ):
     """50 concurrent tasks adjust one missing key 4 times each: the sum is exact."""
-    persist(pg, {11: "100.00"})
+    insert_rows(pg, {11: "100.00"})
 
     async def task() -> None:
         for _ in range(4):
@@ -142,7 +149,7 @@ async def test_both_writers_feed_sync_incremental(
 ):
     """Writes of the sync and the async writer, read-throughs included, are what the next
     `sync --incremental` persists, and only those."""
-    persist(pg, {1: "1500.00", 2: "10.00", 3: "3.00"})
+    insert_rows(pg, {1: "1500.00", 2: "10.00", 3: "3.00"})
     rds.set(f"{key_prefix}3", "3.00")
     BalanceWriter(rds, prefix=key_prefix).set(4, "4.00")
     await areading.adjust(1, "-0.50")  # read through
@@ -172,7 +179,7 @@ async def test_async_postgresql_unreachable_writes_nothing(ards, rds, key_prefix
 
 async def test_async_loader_holds_no_transaction_open(areading, pg):
     """After a lookup the async pool's connection is idle, not idle in transaction."""
-    persist(pg, {5: "1.00"})
+    insert_rows(pg, {5: "1.00"})
     await areading.adjust(5, "1")
     assert_loader_idle(pg)
 

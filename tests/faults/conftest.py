@@ -17,8 +17,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.devservers import PostgresServer, ValkeyServer
 from tests.faults.helpers import Cli, install_ledger
+from tests.support.devservers import PostgresServer, ValkeyServer
 
 DATABASE = "faults"
 _FIGURES: dict[str, list[str]] = {}

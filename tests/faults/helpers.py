@@ -25,6 +25,8 @@ from pathlib import Path
 import psycopg
 import redis
 
+from tests import helpers as shared
+
 REPO = Path(__file__).resolve().parents[2]
 MAX_ID = 2**63 - 1
 BALANCE_LIMIT = Decimal(10) ** 18
@@ -146,12 +148,10 @@ class Cli:
 
 
 def seed(redis_url: str, prefix: str, balances: Mapping[int, str], chunk: int = 10_000) -> None:
-    """SET prefix+id to each balance, pipelined."""
+    """SET prefix+id to each balance, pipelined, on a client of its own."""
     client = redis.Redis.from_url(redis_url)
     try:
-        items = list(balances.items())
-        for start in range(0, len(items), chunk):
-            client.mset({f"{prefix}{i}": v for i, v in items[start : start + chunk]})
+        shared.seed(client, prefix, balances, chunk)
     finally:
         client.close()
 
@@ -222,8 +222,7 @@ def redis_balances(
 def rows(db_url: str) -> dict[int, Decimal]:
     """Every row of the target table as {id: balance}, read as text into Decimal."""
     with psycopg.connect(db_url) as conn:
-        fetched = conn.execute("SELECT telegram_id, balance::text FROM user_balances").fetchall()
-    return {int(i): Decimal(b) for i, b in fetched}
+        return {i: Decimal(b) for i, b in shared.balances(conn).items()}
 
 
 def snapshot(db_url: str) -> dict[int, tuple[Decimal, datetime]]:

@@ -28,7 +28,7 @@ from tests.faults.helpers import (
     sync_runs,
     wait_for_batches,
 )
-from tests.netutil import ping_server
+from tests.support.netutil import ping_server
 
 pytestmark = pytest.mark.faults
 

@@ -1,8 +1,8 @@
 """A PgBouncer of the test's own, in front of the test's PostgreSQL, on a free loopback port.
 
 PgBouncer comes from the machine (Debian/Ubuntu: apt-get install pgbouncer); without it the
-tests that need it skip on a developer's machine and fail in CI (tests/tools.py). It refuses
-to run as root, so as root it runs as `nobody`, its files handed to that user.
+tests that need it skip on a developer's machine and fail in CI (tests/support/tools.py). It
+refuses to run as root, so as root it runs as `nobody`, its files handed to that user.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 
-from tests.devservers import free_port
-from tests.tools import require_tool
+from tests.support.devservers import free_port
+from tests.support.tools import require_tool
 
 RUN_AS = "nobody"
 

@@ -5,8 +5,8 @@ listen on a free loopback port, keep their data in a folder of ours, and can be 
 killed and started again, which the fault tests need. Nothing here touches the machine's
 own servers.
 
-    python -m tests.devservers start DIR   # start both, print their URLs (the demo uses it)
-    python -m tests.devservers stop DIR    # stop both
+    python -m tests.support.devservers start DIR   # start both, print their URLs (the demo uses it)
+    python -m tests.support.devservers stop DIR    # stop both
 """
 
 from __future__ import annotations

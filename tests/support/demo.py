@@ -1,7 +1,7 @@
 """The demo's data: seed balances into Redis, then show what reached PostgreSQL.
 
-    python -m tests.demo seed [N]   # N valid balances (default 100 000) and a few bad records
-    python -m tests.demo show       # what PostgreSQL holds now
+    python -m tests.support.demo seed [N]   # N valid balances (default 100 000), a few bad records
+    python -m tests.support.demo show       # what PostgreSQL holds now
 
 Reads BALSYNC_REDIS_URL, BALSYNC_DATABASE_URL and BALSYNC_KEY_PREFIX like balsync does.
 """
