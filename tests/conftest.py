@@ -32,8 +32,8 @@ _counter = itertools.count()
 
 
 def _docker_servers(stack: pytest.FixtureRequest) -> Servers:
-    from testcontainers.community.postgres import PostgresContainer  # type: ignore[import-not-found]
-    from testcontainers.community.redis import RedisContainer  # type: ignore[import-not-found]
+    from testcontainers.community.postgres import PostgresContainer
+    from testcontainers.community.redis import RedisContainer
 
     pg = PostgresContainer("postgres:16-alpine", driver=None)
     rd = RedisContainer("redis:7-alpine")

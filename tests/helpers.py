@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import TypeVar, cast
 
 import psycopg
 import redis
@@ -29,6 +30,7 @@ from balance_sync.stores.postgres import Database, RunLock
 from balance_sync.stores.redis import dirty_keys
 
 PG = psycopg.Connection[tuple[object, ...]]
+_Suffix = TypeVar("_Suffix")  # seed() takes any suffix a key may end with: ids, names
 COUNTERS = ("processed", "inserted", "updated", "unchanged", "skipped", "invalid")
 OLD = datetime.fromisoformat("2001-02-03T04:05:06+00:00")
 MAX_ID = 9223372036854775807
@@ -109,7 +111,7 @@ def tmp_file(tmp_path: Path, name: str, text: str) -> Path:
 def seed(
     client: redis.Redis | RedisCluster,
     prefix: str,
-    values: Mapping[object, str | bytes],
+    values: Mapping[_Suffix, str | bytes],
     chunk: int = 5000,
 ) -> None:
     """SET prefix+suffix to each value, `chunk` keys per MSET; a cluster client splits each
@@ -117,7 +119,7 @@ def seed(
     items = [(f"{prefix}{suffix}", value) for suffix, value in values.items()]
     if isinstance(client, RedisCluster):
         for start in range(0, len(items), chunk):
-            client.mset_nonatomic(dict(items[start : start + chunk]))  # type: ignore[arg-type]
+            client.mset_nonatomic(dict(items[start : start + chunk]))
         return
     with client.pipeline(transaction=False) as pipe:
         for start in range(0, len(items), chunk):
@@ -160,7 +162,7 @@ def redis_state(rds: redis.Redis, prefix: str) -> dict[bytes, tuple[object, obje
     return {key: (answers[2 * i], answers[2 * i + 1]) for i, key in enumerate(keys)}
 
 
-def own_keys(rds: redis.Redis, prefix: str) -> set[bytes]:
+def own_keys(rds: redis.Redis, prefix: str) -> set[bytes | str]:
     """Every key the writer may have made under a prefix: balances, marks, adjustment records."""
     keys = set(rds.scan_iter(match=f"{prefix}*"))
     keys |= set(rds.scan_iter(match="balsync:adj:{" + prefix + "*"))
@@ -209,9 +211,12 @@ def table_rows(
     return {int(row[0]): tuple(row[1:]) for row in pg.execute(query)}  # type: ignore[call-overload]
 
 
-def balances(pg: PG, table: str = "user_balances", id_column: str = "telegram_id") -> dict:
+def balances(
+    pg: PG, table: str = "user_balances", id_column: str = "telegram_id"
+) -> dict[int, str]:
     """Every row of a target table as {id: balance text}."""
-    return {i: row[0] for i, row in table_rows(pg, table, id_column, extra=()).items()}
+    rows = table_rows(pg, table, id_column, extra=())
+    return {i: cast(str, row[0]) for i, row in rows.items()}  # balance::text
 
 
 def exact(raw: str) -> str:
@@ -242,7 +247,7 @@ def pg_state(pg: PG) -> dict[str, list[tuple[object, ...]]]:
             pg.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(schema, table))),
             key=repr,
         )
-        for schema, table in tables
+        for schema, table in cast("list[tuple[str, str]]", tables)  # pg_tables' name columns
     }
 
 
@@ -287,10 +292,9 @@ def check_invariants(data: Mapping[str, object]) -> None:
     assert set(data) == sync_json_keys(data.get("status"))
     counts = {name: data[name] for name in COUNTERS}
     assert all(isinstance(v, int) and v >= 0 for v in counts.values()), counts
-    assert counts["processed"] == (
-        counts["inserted"] + counts["updated"] + counts["unchanged"] + counts["skipped"]
-    ), counts
-    assert counts["skipped"] >= counts["invalid"], counts
+    n = cast(dict[str, int], counts)  # every value an int: asserted just above
+    assert n["processed"] == (n["inserted"] + n["updated"] + n["unchanged"] + n["skipped"]), counts
+    assert n["skipped"] >= n["invalid"], counts
 
 
 def invoke_sync(balsync: Balsync, *args: str, code: int = 0) -> tuple[dict[str, object], Result]:
@@ -330,7 +334,8 @@ def terminal_output(env: dict[str, str], *args: str, stream: str = "stderr") -> 
         [sys.executable, "-m", "balance_sync", *args],
         env={**os.environ, **env, "COLUMNS": "120", "TERM": "xterm"},
         stdin=subprocess.DEVNULL,
-        **streams,
+        stdout=streams["stdout"],
+        stderr=streams["stderr"],
     )
     os.close(terminal)
     shown = bytearray()

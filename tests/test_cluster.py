@@ -19,6 +19,7 @@ from redis.cluster import RedisCluster
 
 from balance_sync.settings import resolve_settings
 from balance_sync.stores.redis import RedisStore, TrackedWrites, adjustment_key, dirty_keys
+from balance_sync.stores.redis.topology import Cluster
 from balance_sync.writer import BalanceMissing, BalanceWriter
 from tests import helpers
 from tests.helpers import Balsync, Servers, balances
@@ -256,8 +257,10 @@ def test_stale_slot_map_is_followed(
     store = RedisStore(cluster.url, 5)
     try:
         store.ping()
-        manager = store.topology.client.nodes_manager  # made stale on purpose below
-        primaries = store.topology.primaries()
+        topology = store.topology
+        assert isinstance(topology, Cluster)  # a redis+cluster:// URL
+        manager = topology.client.nodes_manager  # made stale on purpose below
+        primaries = topology.primaries()
         for slot, nodes in list(manager.slots_cache.items()):
             wrong = next(node for node in primaries if node.name != nodes[0].name)
             manager.slots_cache[slot] = [wrong]
@@ -398,7 +401,7 @@ def test_incremental_sync_reads_the_marked_ids_on_every_node(
     changed = one_key_per_node(crc, key_prefix, iter(expected))
     for telegram_id in changed.values():
         crc.set(f"{key_prefix}{telegram_id}", "7.77")
-    TrackedWrites(crc, key_prefix).mark(list(changed.values()))  # type: ignore[arg-type]
+    TrackedWrites(crc, key_prefix).mark(list(changed.values()))
     result = cbalsync("sync", "--json", "--incremental", "--min-interval", "0")
     data = json.loads(result.stdout)
     assert (result.exit_code, data["processed"], data["updated"]) == (0, 3, 3)

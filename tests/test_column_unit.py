@@ -10,7 +10,9 @@ with values that fit and values that do not.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from decimal import Decimal
+from typing import cast
 
 import psycopg
 import pytest
@@ -84,13 +86,17 @@ def seed(rds: redis.Redis, prefix: str, amounts: dict[int, Decimal], value_forma
 
 
 def money(pg: PG) -> dict[int, Decimal]:
-    return {int(i): Decimal(m) for i, m in pg.execute("SELECT id, money FROM users")}  # type: ignore[misc, arg-type]
+    rows = cast(
+        "Iterable[tuple[int, Decimal | int]]",  # id bigint, money numeric or an integer type
+        pg.execute("SELECT id, money FROM users"),
+    )
+    return {int(i): Decimal(m) for i, m in rows}
 
 
 def runs(pg: PG) -> int:
     row = pg.execute("SELECT count(*) FROM balsync.sync_runs").fetchone()
     assert row is not None
-    return int(row[0])  # type: ignore[call-overload]
+    return int(cast(int, row[0]))  # count(*): a bigint
 
 
 def unit_args(unit: str | None) -> tuple[str, ...]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,7 +22,7 @@ def sync_json(balsync: Balsync, *args: str) -> tuple[int, dict[str, object]]:
     return result.exit_code, json.loads(result.stdout)
 
 
-def conflicts_json(balsync: Balsync, *args: str) -> dict[str, object]:
+def conflicts_json(balsync: Balsync, *args: str) -> dict[str, Any]:
     result = balsync.ok("conflicts", "--json", *args)
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
@@ -72,7 +74,7 @@ def test_on_conflict_redis_overwrites_and_records(synced, pg):
     code, data = sync_json(synced, "--on-conflict", "redis")
     assert (code, data["updated"], data["skipped"]) == (0, 1, 0)
     assert balances(pg)[1] == "1.00"
-    assert conflicts_json(synced)["conflicts"][0]["resolution"] == "redis"  # type: ignore[index]
+    assert conflicts_json(synced)["conflicts"][0]["resolution"] == "redis"
     assert sync_json(synced)[0] == 0  # and it is no conflict any more
 
 
@@ -115,10 +117,10 @@ def test_dry_run_reports_conflicts_without_writing(synced, pg):
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> ValkeyServer:
+def own_redis(tmp_path: Path) -> Iterator[ValkeyServer]:
     """A Redis of this test's own, to restart."""
     server = ValkeyServer(tmp_path / "valkey").start()
-    yield server  # type: ignore[misc]
+    yield server
     server.stop()
 
 
@@ -142,7 +144,7 @@ def test_redis_restart_holds_overwrites_until_accepted(initialized, own_redis, k
     assert (data["inserted"], data["updated"], data["skipped"]) == (1, 0, 1)
     assert balances(pg) == {1: "1500.00", 2: "20.00", 3: "3.00"}
     held = conflicts_json(tool)["conflicts"]
-    assert [(c["telegram_id"], c["kind"]) for c in held] == [(1, "redis_restarted")]  # type: ignore[index,union-attr]
+    assert [(c["telegram_id"], c["kind"]) for c in held] == [(1, "redis_restarted")]
     assert sync_json(tool)[0] == 1  # still held on the next run
     code, data = sync_json(tool, "--accept-redis-restart")
     assert (code, data["updated"]) == (0, 1)

@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -582,7 +582,7 @@ def insert_running_run(pg: psycopg.Connection[tuple[object, ...]], started_ago: 
         (started_ago,),
     ).fetchone()
     assert row is not None
-    return int(row[0])
+    return int(cast(int, row[0]))  # sync_runs.id: a bigint
 
 
 def test_a_lock_held_without_progress_is_degraded_naming_the_backend(

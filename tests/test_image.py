@@ -17,6 +17,7 @@ import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,7 +57,7 @@ def only(stage: list[Instruction], keyword: str) -> str:
     return argument
 
 
-def pods() -> list[dict]:
+def pods() -> list[dict[str, Any]]:
     return [job["spec"]["jobTemplate"]["spec"]["template"]["spec"] for job in cronjobs().values()]
 
 

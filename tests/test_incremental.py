@@ -145,7 +145,7 @@ def test_writer_cents_adjusts_whole_cents(rds, key_prefix):
 def test_writer_refuses_floats_and_rounding(writer):
     """Money is never a float, and a third decimal is an error, not rounded."""
     with pytest.raises(TypeError):
-        writer.set(1, 1.5)  # type: ignore[arg-type]
+        writer.set(1, 1.5)
     with pytest.raises(ValueError, match="two decimals"):
         writer.set(1, "1.005")
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -163,11 +164,11 @@ def balances(database_url: str) -> dict[int, str]:
         return helpers.balances(conn)
 
 
-def run(r: Restricted, *args: str) -> dict:
+def run(r: Restricted, *args: str) -> dict[str, Any]:
     """Run a command as the restricted identities with --json, return its object and code."""
     result = r.balsync(*args, "--json")
     assert result.exit_code not in (2, 3, 4, 5), (args, result.exit_code, result.stderr)
-    data = json.loads(result.stdout)
+    data: dict[str, Any] = json.loads(result.stdout)
     data["exit_code"] = result.exit_code
     return data
 
@@ -393,7 +394,7 @@ def test_the_role_cannot_delete_or_change_structure(restricted, database_url, st
         psycopg.connect(restricted.role_url, autocommit=True) as conn,
         pytest.raises(psycopg.errors.InsufficientPrivilege),
     ):
-        conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute(statement)
     assert balances(database_url) == {1: "10.00"}
 
 

@@ -62,9 +62,12 @@ def test_wheel_metadata_has_license_urls_and_classifiers(tmp_path):
         assert any(n.endswith(".dist-info/licenses/LICENSE") for n in archive.namelist())
     assert metadata["License-Expression"] == "MIT"
     assert metadata.get_all("License-File") == ["LICENSE"]
-    urls = dict(u.split(", ", 1) for u in metadata.get_all("Project-URL"))
+    project_urls = metadata.get_all("Project-URL")
+    assert project_urls is not None
+    urls = dict(u.split(", ", 1) for u in project_urls)
     assert {"Homepage", "Repository", "Issues", "Changelog"} <= urls.keys()
     classifiers = metadata.get_all("Classifier")
+    assert classifiers is not None
     assert "Programming Language :: Python :: 3.11" in classifiers
     assert not [c for c in classifiers if c.startswith("License ::")]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -143,7 +144,7 @@ def guards(database_url: str) -> Guards:
         db.close()
 
 
-def prune_json(balsync: Balsync, *args: str) -> dict[str, object]:
+def prune_json(balsync: Balsync, *args: str) -> dict[str, Any]:
     """`balsync prune --json`, insisting on exit 0."""
     return json.loads(balsync.ok("prune", "--json", *args).stdout)  # type: ignore[no-any-return]
 
@@ -245,7 +246,7 @@ def test_dry_run_counts_what_prune_would_delete_and_deletes_nothing(
     assert counts(pg) == before
     real = prune_json(initialized)
     assert real["deleted"] == dry["found"]
-    assert all(isinstance(n, int) and n > 0 for n in dry["found"].values())  # type: ignore[union-attr]
+    assert all(isinstance(n, int) and n > 0 for n in dry["found"].values())
 
 
 def test_older_than_replaces_the_policy(initialized: Balsync, pg: Conn) -> None:
@@ -275,7 +276,7 @@ def test_only_records_pruned_when_runs_are_kept_for_ever(initialized: Balsync, p
     generate_year(pg)
     before = counts(pg)
     data = prune_json(initialized, "--keep-runs", "off")
-    assert data["deleted"]["sync_runs"] == 0  # type: ignore[index]
+    assert data["deleted"]["sync_runs"] == 0
     assert counts(pg)["sync_runs"] == before["sync_runs"]
     assert counts(pg)["skipped_records"] == 3 * 3  # those of the kept runs
 
@@ -313,7 +314,7 @@ def test_runs_of_a_table_that_no_longer_exists_are_pruned(initialized: Balsync, 
     pg.execute("UPDATE balsync.sync_runs SET target_table = 'dropped'")
     assert prune_json(initialized)["deleted"] == dict.fromkeys(BOOKKEEPING, 0)
     data = prune_json(initialized, "--table", "dropped")
-    assert data["deleted"]["sync_runs"] > 250  # type: ignore[index]
+    assert data["deleted"]["sync_runs"] > 250
 
 
 def test_prune_before_init_db_exits_5(balsync: Balsync) -> None:
@@ -430,7 +431,7 @@ def test_without_the_indexes_of_init_db_nothing_is_pruned(
     assert "pruning waits" in synced.stderr
     assert counts(pg)["skipped_records"] == before["skipped_records"]
     initialized.ok("init-db")
-    assert prune_json(initialized)["deleted"]["skipped_records"] > 0  # type: ignore[index]
+    assert prune_json(initialized)["deleted"]["skipped_records"] > 0
 
 
 # -- health and stats show the size -------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -143,8 +144,9 @@ def human(balsync: Balsync, width: int, *args: str) -> str:
     return result.stdout
 
 
-def machine(balsync: Balsync, *args: str) -> dict:
-    return json.loads(balsync(*args, "--json").stdout)
+def machine(balsync: Balsync, *args: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(balsync(*args, "--json").stdout)
+    return data
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -83,7 +83,7 @@ def bench(initialized: Balsync, tmp_path: Path, key_prefix: str) -> Iterator[Ben
 # --------------------------------------------------------------------------------------
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+def _wait_for(predicate, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -280,7 +280,7 @@ def test_on_conflict_db_overtaken_by_the_bot_is_no_evidence(bench, pg, monkeypat
     bench.set(PERSISTED)
     real = RedisStore.set_if_equal
 
-    def bot_first(self, items):  # type: ignore[no-untyped-def]
+    def bot_first(self, items):
         with bench.client() as client:
             for key, _, _ in items:
                 client.set(key, "1.00")
@@ -457,9 +457,9 @@ def test_a_restart_between_verification_and_trust_is_not_trusted(bench, pg, monk
     bench.server.start()
     bench.set(PERSISTED)  # everything back: this server earns trust by a full scan
     real = RedisStore.set_marker
-    restarted = []
+    restarted: list[bool] = []
 
-    def restart_first(self, marker, token):  # type: ignore[no-untyped-def]
+    def restart_first(self, marker, token):
         if not restarted:
             restarted.append(True)
             bench.server.stop()
@@ -519,7 +519,7 @@ def test_a_snapshot_older_than_a_pending_runs_inserts_is_not_a_clean_failover(
         master.stop()
 
 
-def _until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+def _until(predicate, timeout: float = 30.0) -> None:
     import time
 
     deadline = time.monotonic() + timeout

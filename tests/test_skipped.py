@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import cast
 
 import psycopg
 
@@ -21,7 +22,7 @@ def _run(
         (table, "partial" if skipped else "success", len(skipped)),
     ).fetchone()
     assert row is not None
-    run_id = int(row[0])  # type: ignore[call-overload]
+    run_id = int(cast(int, row[0]))  # sync_runs.id: a bigint
     for key, raw, reason in skipped:
         pg.execute(
             """INSERT INTO balsync.skipped_records (run_id, key, raw_value, reason)

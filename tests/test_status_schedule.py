@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
@@ -92,7 +93,7 @@ def add_run(pg: Conn, status: str, host: str = "elsewhere", pid: int = 1) -> int
         (finished, status, None if finished is None else 2.5, host, pid),
     ).fetchone()
     assert row is not None
-    return int(row[0])  # type: ignore[call-overload]
+    return int(cast(int, row[0]))  # sync_runs.id: a bigint
 
 
 def status_json(balsync: Balsync) -> dict[str, object]:

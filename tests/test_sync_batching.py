@@ -7,7 +7,7 @@ import re
 
 from click.testing import Result
 
-from balance_sync.ops.sync.reading import Batcher
+from balance_sync.ops.sync.reading import Batch, Batcher
 from balance_sync.settings import resolve_settings
 from balance_sync.stores.postgres import Database, Ledger, Merge, Reads, Schema
 from balance_sync.validation import InvalidRecord
@@ -105,7 +105,7 @@ def test_batcher_keeps_an_id_once_per_batch_across_pages():
     assert batcher.add_page([(b"3", b"1.00"), (b"4", b"1.00")]) is None  # 3 is in the batch
     assert batcher.add_page([(b"9", b"1.00"), (b"9", b"1.00")]) is None  # 9 twice in a page
     assert [r[0] for r in batcher.batch.records] == [b"1", b"2", b"3"]
-    done = []
+    done: list[Batch] = []
     for suffix, raw in [(b"3", b"1.00"), (b"4", b"1.00")]:
         done += batcher.add(suffix, b"k" + suffix, raw, (suffix, raw), None)
     assert [r[0] for r in batcher.batch.records] == [b"1", b"2", b"3", b"4"]
@@ -127,7 +127,9 @@ def test_batch_size_7_gives_the_same_result_as_one_batch(initialized, rds, key_p
     seed(rds, key_prefix, {i: f"{i}.00" for i in range(1, 101)})
     seed(rds, key_prefix, {f"bad{i}": "1.00" for i in range(5)})
 
-    def run(table: str, *args: str) -> tuple[dict[str, object], dict, set[int], Result]:
+    def run(
+        table: str, *args: str
+    ) -> tuple[dict[str, object], dict[int, object], set[int], Result]:
         # Twin tables in the same state, each synced for the first time.
         insert_rows(pg, initial, table, updated_at=OLD)
         # The second table synced from the same keys inherits no first-run trust of Redis:

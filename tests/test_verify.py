@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -13,11 +14,11 @@ from tests.support.devservers import ValkeyServer, free_port
 from tests.support.locked_table import BUDGET, ENDS_WITHIN, ends_in_time, short_deadline, table_lock
 
 
-def verify_json(balsync: Balsync, *args: str, env: dict[str, str] | None = None) -> dict:
+def verify_json(balsync: Balsync, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `verify --json`, insist on one JSON object, and return it with the exit code."""
     result = balsync("verify", "--json", *args, env=env)
     assert result.exit_code in (0, 1), (result.exit_code, result.stdout, result.stderr)
-    data = json.loads(result.stdout)
+    data: dict[str, Any] = json.loads(result.stdout)
     data["exit_code"] = result.exit_code
     return data
 

@@ -125,7 +125,7 @@ def test_a_value_written_while_postgresql_is_read_wins_and_is_adjusted(rds, key_
     insert_rows(pg, {9: "1500.00"})
 
     def racing(telegram_id: int) -> Decimal | None:
-        value = loader(telegram_id)
+        value: Decimal | None = loader(telegram_id)
         rds.set(f"{key_prefix}{telegram_id}", "7.00")  # the other writer, meanwhile
         return value
 
@@ -351,7 +351,7 @@ def test_amounts_out_of_range_or_ids_out_of_range_are_refused(writer):
     with pytest.raises(ValueError, match="two decimals"):
         writer.adjust(1, "lots")
     with pytest.raises(TypeError):
-        writer.adjust(1, 0.1)  # type: ignore[arg-type]
+        writer.adjust(1, 0.1)
     with pytest.raises(ValueError, match="telegram id"):
         writer.adjust(0, "1")
     with pytest.raises(ValueError, match="telegram id"):
@@ -427,7 +427,7 @@ def test_a_read_through_never_starts_from_a_base_older_than_the_last_write(
     assert rds.get(f"{key_prefix}1") is None
     with database_loader(database_url) as real:
         b = BalanceWriter(rds, prefix=key_prefix, loader=real)
-        interleaved = []
+        interleaved: list[Decimal] = []
 
         def slow_loader(telegram_id: int) -> Decimal | None:
             value = real(telegram_id)

@@ -96,7 +96,7 @@ async def test_async_value_written_while_postgresql_is_read_wins(
     insert_rows(pg, {9: "1500.00"})
 
     async def racing(telegram_id: int) -> Decimal | None:
-        value = await aloader(telegram_id)
+        value: Decimal | None = await aloader(telegram_id)
         await ards.set(f"{key_prefix}{telegram_id}", "7.00")
         return value
 

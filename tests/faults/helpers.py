@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import redis
@@ -206,7 +207,8 @@ def redis_balances(
                     invalid += 1
                     continue
                 number = valid_id(key[len(prefix.encode()) :])
-                value = valid_balance(raw, allow_negative=allow_negative)
+                # bytes: the client decodes no responses
+                value = valid_balance(cast(bytes, raw), allow_negative=allow_negative)
                 if number is None or value is None:
                     invalid += 1
                 else:
@@ -313,7 +315,7 @@ def install_ledger(db_url: str) -> None:
     """Record every batch (balsync drops run_batches when a run ends) and every write."""
     with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
         for statement in _AUDIT:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
 
 
 def ledger_batches(db_url: str, run_id: int | None = None) -> int:

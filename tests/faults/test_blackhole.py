@@ -35,7 +35,7 @@ HANG = DEADLINE + 15  # the subprocess timeout that fails the test instead of ha
 def _blackhole_mid_run(bench: Bench, proxy: Proxy, side: str) -> tuple[Finished | None, float]:
     """Start a sync through the proxy, blackhole it after 5 batches; (outcome, seconds)."""
     port = {"redis_port": proxy.port} if side == "redis" else {"pg_port": proxy.port}
-    running = bench.cli(retry_timeout=BUDGET, **port).start(  # type: ignore[arg-type]
+    running = bench.cli(retry_timeout=BUDGET, **port).start(
         "sync", "--json", "--force", "--batch-size", BATCH
     )
     wait_for_batches(bench.db_url, 5, running)

@@ -82,7 +82,10 @@ def test_lost_async_adjust_reply_is_unknown_and_its_retry_applies_nothing_more(
     direct = redis.Redis.from_url(bench.redis_url)
 
     async def scenario(port: int, proxy: Proxy) -> None:
-        client = aioredis.Redis(port=port, retry=Retry(NoBackoff(), RETRIES))
+        # redis.retry.Retry is typed for the synchronous client: its call_with_retry returns
+        # the command's coroutine without awaiting it, so on this client it never retries.
+        retry = Retry(NoBackoff(), RETRIES)
+        client = aioredis.Redis(port=port, retry=retry)  # type: ignore[arg-type]
         writer = AsyncBalanceWriter(client, prefix=bench.prefix)
         await writer.set(1, "10.00")
         proxy.lose_reply(REPLY)
