@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -82,10 +83,9 @@ def test_lost_async_adjust_reply_is_unknown_and_its_retry_applies_nothing_more(
     direct = redis.Redis.from_url(bench.redis_url)
 
     async def scenario(port: int, proxy: Proxy) -> None:
-        # redis.retry.Retry is typed for the synchronous client: its call_with_retry returns
-        # the command's coroutine without awaiting it, so on this client it never retries.
-        retry = Retry(NoBackoff(), RETRIES)
-        client = aioredis.Redis(port=port, retry=retry)  # type: ignore[arg-type]
+        # The asyncio client's own Retry: the synchronous one would hand back the command's
+        # coroutine unawaited, and so never resend anything.
+        client = aioredis.Redis(port=port, retry=AsyncRetry(NoBackoff(), RETRIES))
         writer = AsyncBalanceWriter(client, prefix=bench.prefix)
         await writer.set(1, "10.00")
         proxy.lose_reply(REPLY)
