@@ -297,3 +297,106 @@ def test_a_correction_the_bot_overtook_is_not_remembered(synced, rds, key_prefix
     code, data = sync_json(synced)
     assert (code, data["skipped"]) == (1, 1)
     assert balances(pg)[1] == "100.00"
+
+
+# -- sequences in which the memory must outlive what happens to the row ---------------------
+
+
+def test_a_row_deleted_and_inserted_again_with_another_balance_is_a_conflict(
+    initialized, rds, key_prefix, pg
+):
+    """An admin replaces a row (DELETE, then INSERT with 50.00) after balsync wrote 100.00;
+    Redis then holds 110.00. The row differs from what balsync last wrote: kept, reported,
+    exit 1. Memory that died with the row would let 110.00 overwrite the correction."""
+    rds.set(f"{key_prefix}1", "100.00")
+    assert sync_json(initialized)[0] == 0
+    pg.execute("DELETE FROM user_balances WHERE telegram_id = 1")
+    pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 50)")
+    rds.set(f"{key_prefix}1", "110.00")
+    code, data = sync_json(initialized)
+    assert balances(pg) == {1: "50.00"}
+    assert (code, data["updated"], data["skipped"]) == (1, 0, 1)
+    listed = conflicts_json(initialized)["conflicts"]
+    assert [(c["telegram_id"], c["last_written"]) for c in listed] == [(1, "100.00")]
+
+
+def test_a_correction_under_the_other_spelling_of_the_table_is_a_conflict(
+    initialized, rds, key_prefix, pg
+):
+    """`public.user_balances` and `user_balances` are one table: after a sync under one
+    spelling, a correction is a conflict under the other."""
+    qualified = Balsync({**initialized.env, "BALSYNC_TABLE": "public.user_balances"})
+    rds.set(f"{key_prefix}1", "10.00")
+    assert sync_json(qualified)[0] == 0
+    pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    code, data = sync_json(initialized)
+    assert (code, data["skipped"]) == (1, 1)
+    assert balances(pg) == {1: "15.00"}
+
+
+def test_after_on_conflict_db_redis_changes_update_and_corrections_conflict_again(
+    initialized, rds, key_prefix, pg
+):
+    """--on-conflict db gives Redis the database's value and remembers it: the next change
+    in Redis is an ordinary update, and a later correction is a conflict again."""
+    rds.set(f"{key_prefix}1", "10.00")
+    assert sync_json(initialized)[0] == 0
+    pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    assert sync_json(initialized, "--on-conflict", "db")[0] == 0
+    assert rds.get(f"{key_prefix}1") == b"15.00"
+    rds.set(f"{key_prefix}1", "16.00")
+    assert sync_json(initialized)[0] == 0
+    assert balances(pg) == {1: "16.00"}
+    pg.execute("UPDATE user_balances SET balance = 2 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "17.00")
+    assert sync_json(initialized)[0] == 1
+    assert balances(pg) == {1: "2.00"}
+
+
+def test_after_on_conflict_redis_the_written_value_is_what_is_remembered(
+    initialized, rds, key_prefix, pg
+):
+    """--on-conflict redis overwrites the correction and remembers Redis's value: a new
+    change in Redis is an update, a new correction a conflict."""
+    rds.set(f"{key_prefix}1", "10.00")
+    assert sync_json(initialized)[0] == 0
+    pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    assert sync_json(initialized, "--on-conflict", "redis")[0] == 0
+    assert balances(pg) == {1: "11.00"}
+    rds.set(f"{key_prefix}1", "12.00")
+    assert sync_json(initialized)[0] == 0
+    assert balances(pg) == {1: "12.00"}
+    pg.execute("UPDATE user_balances SET balance = 3 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "13.00")
+    assert sync_json(initialized)[0] == 1
+    assert balances(pg) == {1: "3.00"}
+
+
+def test_a_row_the_application_inserted_is_guarded_once_it_agreed(initialized, rds, key_prefix, pg):
+    """A row the application inserted, agreeing with Redis, is remembered by the next sync:
+    a correction after that is a conflict."""
+    pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 10)")
+    rds.set(f"{key_prefix}1", "10.00")
+    code, data = sync_json(initialized)
+    assert (code, data["updated"]) == (0, 0)
+    pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    assert sync_json(initialized)[0] == 1
+    assert balances(pg) == {1: "15.00"}
+
+
+def test_a_correction_in_a_renamed_table_is_a_conflict(initialized, rds, key_prefix, pg):
+    """ALTER TABLE user_balances RENAME, then a correction: synced under the new name, the
+    row is not overwritten (exit 1)."""
+    rds.set(f"{key_prefix}1", "10.00")
+    assert sync_json(initialized)[0] == 0
+    pg.execute("ALTER TABLE user_balances RENAME TO balances_v2")
+    renamed = Balsync({**initialized.env, "BALSYNC_TABLE": "balances_v2"})
+    pg.execute("UPDATE balances_v2 SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    code, data = sync_json(renamed)
+    assert (code, data["skipped"]) == (1, 1)
+    assert balances(pg, "balances_v2") == {1: "15.00"}

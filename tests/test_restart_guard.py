@@ -328,3 +328,49 @@ def test_init_db_migrates_runs_recorded_under_another_spelling(initialized, rds,
     initialized.ok("init-db")
     rows = pg.execute("SELECT DISTINCT target_table FROM balsync.sync_runs").fetchall()
     assert rows == [("public.user_balances",)]
+
+
+def test_a_table_reloaded_from_an_export_is_still_guarded_after_a_restart(own, pg):
+    """An admin reloads user_balances from an export of its columns (TRUNCATE, INSERT: the
+    same balances); Redis restarts empty; a full sync; the application rebuilds 1 from
+    zero (5.00); sync. balsync still remembers what it wrote, so the empty Redis is not
+    trusted and 1500.00 is held (exit 1)."""
+    pg.execute("CREATE TEMP TABLE export AS SELECT telegram_id, balance FROM user_balances")
+    pg.execute("TRUNCATE user_balances")
+    pg.execute("INSERT INTO user_balances (telegram_id, balance) SELECT * FROM export")
+    assert balances(pg) == {1: "1500.00", 2: "20.00", 3: "3.00"}
+    own.restart_empty()
+    own.sync()
+    own.set({1: "5.00"})
+    code, data = own.sync()
+    assert balances(pg) == {1: "1500.00", 2: "20.00", 3: "3.00"}
+    assert (code, data["updated"], data["skipped"]) == (1, 0, 1)
+    assert held_ids(own.tool) == [1]
+
+
+def test_restore_after_a_restart_then_sync_changes_nothing_and_updates_follow(own, pg):
+    """restore puts the persisted values back into the empty Redis; the next full sync finds
+    every remembered key agreeing and changes nothing; a later change is an update."""
+    own.restart_empty()
+    own.tool.ok("restore", "--yes", "--json")
+    with own.client() as client:
+        assert client.get(f"{own.prefix}1") == b"1500.00"
+    code, data = own.sync()
+    assert (code, data["updated"], data["skipped"]) == (0, 0, 0)
+    own.set({1: "1501.00"})
+    code, data = own.sync()
+    assert (code, data["updated"]) == (0, 1)
+    assert balances(pg)[1] == "1501.00"
+
+
+def test_pruning_every_old_run_keeps_the_restart_guard(own, pg):
+    """Every run aged past retention and pruned: the memory stays, and after a restart an
+    empty Redis is still not trusted."""
+    pg.execute("UPDATE balsync.sync_runs SET started_at = started_at - interval '400 days'")
+    own.tool.ok("prune", "--json")
+    own.restart_empty()
+    assert own.sync()[0] == 0
+    own.set({1: "5.00"})
+    code, data = own.sync()
+    assert (code, data["updated"], data["skipped"]) == (1, 0, 1)
+    assert balances(pg)[1] == "1500.00"
