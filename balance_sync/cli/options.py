@@ -190,6 +190,14 @@ OUTPUT_OPTIONS = (
 )
 
 
+def tuned(flag: str, **attrs: Any) -> Callable[[F], F]:
+    """A command option operators set from an environment file: its variable is BALSYNC_
+    and the option's name (`--min-interval`: BALSYNC_MIN_INTERVAL), and --help shows both
+    the variable and the default."""
+    envvar = "BALSYNC_" + flag.removeprefix("--").replace("-", "_").upper()
+    return click.option(flag, envvar=envvar, show_envvar=True, show_default=True, **attrs)
+
+
 class Duration(click.ParamType[float]):
     """A duration such as 90d, 12h, 30m or 2w, as seconds."""
 

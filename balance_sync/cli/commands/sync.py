@@ -20,6 +20,7 @@ from balance_sync.cli.options import (
     TARGET,
     VALUES,
     command,
+    tuned,
 )
 from balance_sync.cli.output import Output, emit, json_on_failure
 from balance_sync.cli.render.sync import SyncProgress, sync_views
@@ -69,44 +70,32 @@ def stop_on_signals(stop: StopRequest) -> Iterator[None]:
     help="Read both sides and report what would change; write nothing anywhere.",
 )
 @click.option("--force", is_flag=True, help="Run even if a sync finished within --min-interval.")
-@click.option(
+@tuned(
     "--batch-size",
-    envvar="BALSYNC_BATCH_SIZE",
-    show_envvar=True,
     type=click.IntRange(min=1, max=1_000_000),
     default=DEFAULT_BATCH_SIZE,
-    show_default=True,
     metavar="N",
     help="Valid records merged per transaction.",
 )
-@click.option(
+@tuned(
     "--wait",
-    envvar="BALSYNC_WAIT",
-    show_envvar=True,
     type=click.FloatRange(min=0),
     default=0,
-    show_default=True,
     metavar="SECONDS",
     help="Wait this long for a running sync to finish instead of skipping.",
 )
 @click.option("--allow-negative", is_flag=True, help="Accept negative balances.")
-@click.option(
+@tuned(
     "--min-interval",
-    envvar="BALSYNC_MIN_INTERVAL",
-    show_envvar=True,
     type=click.FloatRange(min=0),
     default=DEFAULT_MIN_INTERVAL,
-    show_default=True,
     metavar="SECONDS",
     help="Skip when a sync finished this recently (cron's hourly and daily entries meet at 02:00).",
 )
-@click.option(
+@tuned(
     "--on-conflict",
-    envvar="BALSYNC_ON_CONFLICT",
-    show_envvar=True,
     type=click.Choice(["skip", "redis", "db"]),
     default="skip",
-    show_default=True,
     help="A row changed in PostgreSQL since balsync last wrote it: keep it and report it "
     "(skip), overwrite it with Redis (redis), or keep it and give Redis its value (db).",
 )

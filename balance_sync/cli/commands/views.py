@@ -14,6 +14,7 @@ from balance_sync.cli.options import (
     TARGET,
     VALUES,
     command,
+    tuned,
 )
 from balance_sync.cli.output import Output, emit, json_on_failure
 from balance_sync.cli.render.views import health_table, stats_views, status_table, verify_tables
@@ -64,13 +65,10 @@ def verify(*, settings: Settings, output: Output, limit: int, allow_negative: bo
 
 
 @click.command("health")
-@click.option(
+@tuned(
     "--max-age",
-    envvar="BALSYNC_MAX_AGE",
-    show_envvar=True,
     type=click.FloatRange(min=0),
     default=DEFAULT_MAX_AGE,
-    show_default=True,
     metavar="SECONDS",
     help="Degraded when the last successful sync finished longer ago than this "
     "(two hourly runs missed).",
