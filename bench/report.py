@@ -11,13 +11,15 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# What the brief asks of balsync; every figure is judged against these.
-TARGET_FLOOR_RATIO = 1.2  # balsync at most 1.2 times the minimal end-to-end script
+# What balsync is held to; every figure is judged against these.
+TARGET_FLOOR_RATIO = 1.3  # balsync at most 1.3 times the minimal end-to-end script
+TARGET_FEW_CHANGES_RATIO = 1.1  # and 1.1 times where few or no values changed
 TARGET_NAIVE_RATIO = 100.0  # balsync at least 100 times faster than the per-row loop
-TARGET_READ_RATIO = 1.5  # nothing / 1 % changed: "little more than reading Redis"
-TARGET_RSS_MB = 150.0
-TARGET_RSS_GROWTH = 1.2  # peak RSS at 5N at most 1.2 times N's
-TARGET_INCREMENTAL_RATIO = 2.0  # 10 000 changed of 5 000 000 keys: ≤ twice a full sync of 10 000
+TARGET_RSS_MB = 80.0  # peak RSS at N and at 5N
+TARGET_RSS_GROWTH = 1.1  # flat: peak RSS at 5N at most 1.1 times N's
+# 10 000 changed of 5 000 000 keys, against a full sync of 10 000: no worse than 1.46x,
+# what it measured before the memory moved into the rows.
+TARGET_INCREMENTAL_RATIO = 1.46
 
 
 @dataclass

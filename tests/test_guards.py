@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.helpers import Balsync, balances
+from tests.helpers import Balsync, balances, seed
 from tests.support.devservers import ValkeyServer
 
 
@@ -207,11 +207,34 @@ def test_conflicts_of_a_run_without_any(synced):
     assert "no conflicts" in synced.ok("conflicts").stdout
 
 
-def test_written_memory_is_kept_in_balsync_schema(synced, database_url):
-    """What balsync remembers lives in its own schema, one row per id it wrote."""
+def test_written_memory_is_kept_in_the_rows_of_init_dbs_table(synced, database_url):
+    """In init-db's table what balsync remembers lives beside each balance it wrote; its
+    own schema holds none of it (one tuple and one index per write)."""
     with psycopg.connect(database_url) as conn:
-        count = conn.execute("SELECT count(*) FROM balsync.written").fetchone()
-    assert count == (5,)
+        remembered = conn.execute(
+            "SELECT count(*) FROM user_balances WHERE balsync_written = balance"
+        ).fetchone()
+        aside = conn.execute("SELECT count(*) FROM balsync.written").fetchone()
+    assert (remembered, aside) == ((5,), (0,))
+
+
+def test_written_memory_of_an_application_table_is_kept_in_balsync_schema(
+    balsync, rds, key_prefix, pg, database_url
+):
+    """balsync never alters an application's table: its memory lives in balsync.written."""
+    pg.execute("CREATE TABLE wallets (telegram_id bigint PRIMARY KEY, balance numeric(20,2))")
+    balsync.ok("init-db", "--table", "wallets")
+    seed(rds, key_prefix, {1: "1.00", 2: "2.00"})
+    sync_json(balsync, "--table", "wallets")
+    with psycopg.connect(database_url) as conn:
+        count = conn.execute(
+            "SELECT count(*) FROM balsync.written WHERE target_table = 'public.wallets'"
+        ).fetchone()
+        columns = conn.execute(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'wallets'::regclass"
+            " AND attname LIKE 'balsync%'"
+        ).fetchone()
+    assert (count, columns) == ((2,), (0,))
 
 
 def test_restored_keys_are_no_conflict_later(synced, rds, key_prefix, pg):

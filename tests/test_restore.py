@@ -352,7 +352,9 @@ def test_a_table_locked_mid_stream_keeps_the_keys_written_and_a_rerun_converges(
         result, took = ends_in_time(lock, lambda: initialized("restore", "--retry-timeout", BUDGET))
     monkeypatch.setattr(RedisStore, "set_missing", write)
     assert result.exit_code == 4, (result.stdout, result.stderr)
-    assert "did not resume" in result.stderr
+    # Stopped where it next meets the locked table: reopening the stream, or remembering
+    # the first batch's keys in their rows.
+    assert "did not resume" in result.stderr or "did not answer" in result.stderr
     assert took < ENDS_WITHIN, f"took {took:.1f}s"
     first = [f"{key_prefix}{i}" for i in range(1, 1001)]
     assert rds.mget(first) == [format(Decimal(i) / 100, ".2f").encode() for i in range(1, 1001)]

@@ -181,6 +181,9 @@ DEFAULT_COLUMNS = [
     ("telegram_id", "bigint", True),
     ("balance", "numeric(20,2)", True),
     ("updated_at", "timestamp with time zone", True),
+    # balsync's memory of what it wrote, beside the balance (SPEC's table gains these)
+    ("balsync_written", "numeric(20,2)", False),
+    ("balsync_cleared", "boolean", True),
 ]
 
 

@@ -183,7 +183,7 @@ class _Clearing:
         if self.remembered:
             # Removed on purpose: after a Redis restart their absence is no sign of loss.
             Memory(self.db).mark_cleared(
-                self.target.table,
+                self.target,
                 [c.telegram_id for c, gone in zip(doomed, deleted, strict=True) if gone],
             )
         for candidate, gone in zip(doomed, deleted, strict=True):

@@ -106,7 +106,7 @@ def run_restore(settings: Settings, options: RestoreOptions) -> RestoreResult:
                     settings, session.redis, lock, rows, result, target=target
                 )
                 if memory is not None:
-                    memory.remember(target.table, restored)
+                    memory.remember(target, restored)
         if options.ids is not None:
             result.not_found = max(0, len(options.ids) - result.total)
         result.status = "partial" if result.invalid else "success"

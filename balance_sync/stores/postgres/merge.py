@@ -141,7 +141,7 @@ class Merge(Part):
                 if run_id is None:
                     return counts
                 if resolve_in_redis is not None:
-                    counts = _resolved_for_db(conn, target.table, counts, resolve_in_redis)
+                    counts = _resolved_for_db(conn, target, counts, resolve_in_redis)
                 conn.execute(
                     """INSERT INTO balsync.run_batches
                            (run_id, batch_no, inserted, updated, unknown, conflicts)
@@ -263,7 +263,26 @@ def _insert_first(
     and classified as usual afterwards.
     """
     columns, values = _touch_on_insert(target)
-    inserted = conn.execute(
+    if target.memory_in_row:
+        inserted = conn.execute(
+            sql.SQL(
+                """INSERT INTO {table} ({id}, {bal}, balsync_written{columns})
+                   SELECT s.id, s.balance, s.balance{values} FROM pg_temp.balsync_stage s
+                   ON CONFLICT ({id}) DO NOTHING"""
+            ).format(columns=columns, values=values, **_names(target))
+        ).rowcount
+    else:
+        inserted = _insert_first_remembered_aside(conn, target, columns, values)
+    if inserted == staged:
+        return BatchCounts(inserted, 0, [])
+    rest = _merge(conn, target, policy, dry_run=False)
+    return BatchCounts(inserted + rest.inserted, rest.updated, rest.unknown_ids, rest.conflicts)
+
+
+def _insert_first_remembered_aside(
+    conn: Connection, target: TargetTable, columns: sql.Composable, values: sql.Composable
+) -> int:
+    return conn.execute(
         sql.SQL(
             """WITH ins AS (
                    INSERT INTO {table} ({id}, {bal}{columns})
@@ -277,10 +296,6 @@ def _insert_first(
         ).format(columns=columns, values=values, **_names(target)),
         (str(target.table),),
     ).rowcount
-    if inserted == staged:
-        return BatchCounts(inserted, 0, [])
-    rest = _merge(conn, target, policy, dry_run=False)
-    return BatchCounts(inserted + rest.inserted, rest.updated, rest.unknown_ids, rest.conflicts)
 
 
 def _names(target: TargetTable) -> dict[str, sql.Composable]:
@@ -309,28 +324,8 @@ def _merge(
     (an adopted table, a value someone else wrote), with what balsync last wrote for
     them. Everything after that touches only the delta.
     """
-    names = _names(target)
     key = str(target.table)
-    # Each lookup is a LATERAL subquery behind OFFSET 0, so it runs once per row and by
-    # index whatever the statistics say: tables that were empty when last analyzed (a first
-    # sync) otherwise get plans that scan them whole for every row, while they grow.
-    delta = conn.execute(
-        sql.SQL(
-            """INSERT INTO pg_temp.balsync_delta
-               SELECT d.id, d.new, d.old, d.present, d.tid, w.balance, w.ctid
-               FROM (SELECT s.id, s.balance AS new, t.balance AS old, t.tid,
-                            t.id IS NOT NULL AS present
-                     FROM pg_temp.balsync_stage s LEFT JOIN LATERAL (
-                         SELECT x.{id} AS id, x.{bal} AS balance, {tid} AS tid FROM {table} x
-                         WHERE x.{id} = s.id OFFSET 0) t ON true
-                     OFFSET 0) AS d
-               LEFT JOIN LATERAL (
-                   SELECT m.balance, m.ctid FROM balsync.written m
-                   WHERE m.target_table = %s AND m.telegram_id = d.id OFFSET 0) w ON true
-               WHERE d.old IS DISTINCT FROM d.new OR w.balance IS DISTINCT FROM d.new"""
-        ).format(tid=sql.SQL("x.ctid" if target.has_ctid else "NULL::tid"), **names),
-        (key,),
-    ).rowcount
+    delta = (_classify_in_row if target.memory_in_row else _classify)(conn, target, key)
     if delta == 0:
         return BatchCounts(0, 0, [])
     conflicts = _conflicts(conn, policy)
@@ -352,6 +347,121 @@ def _merge(
         ).fetchone()
         assert row is not None
         return BatchCounts(int(row[0]), int(row[1]), unknown, conflicts)
+    write = _write_in_row if target.memory_in_row else _write
+    updated, inserted = write(conn, target, key)
+    # A conflict resolved for the database is remembered only once Redis holds its value
+    # (`Database.remember`, after the compare-and-set): never on the hope that it will.
+    return BatchCounts(inserted, updated, unknown, conflicts)
+
+
+def _classify(conn: Connection, target: TargetTable, key: str) -> int:
+    """Fill the delta, with the memory balsync.written holds; returns its size."""
+    names = _names(target)
+    # Each lookup is a LATERAL subquery behind OFFSET 0, so it runs once per row and by
+    # index whatever the statistics say: tables that were empty when last analyzed (a first
+    # sync) otherwise get plans that scan them whole for every row, while they grow.
+    return conn.execute(
+        sql.SQL(
+            """INSERT INTO pg_temp.balsync_delta
+               SELECT d.id, d.new, d.old, d.present, d.tid, w.balance, w.ctid
+               FROM (SELECT s.id, s.balance AS new, t.balance AS old, t.tid,
+                            t.id IS NOT NULL AS present
+                     FROM pg_temp.balsync_stage s LEFT JOIN LATERAL (
+                         SELECT x.{id} AS id, x.{bal} AS balance, {tid} AS tid FROM {table} x
+                         WHERE x.{id} = s.id OFFSET 0) t ON true
+                     OFFSET 0) AS d
+               LEFT JOIN LATERAL (
+                   SELECT m.balance, m.ctid FROM balsync.written m
+                   WHERE m.target_table = %s AND m.telegram_id = d.id OFFSET 0) w ON true
+               WHERE d.old IS DISTINCT FROM d.new OR w.balance IS DISTINCT FROM d.new"""
+        ).format(tid=sql.SQL("x.ctid" if target.has_ctid else "NULL::tid"), **names),
+        (key,),
+    ).rowcount
+
+
+def _classify_in_row(conn: Connection, target: TargetTable, key: str) -> int:
+    """Fill the delta, with the memory in the target's own rows; returns its size.
+
+    balsync.written is looked up only for an id whose row has no memory: a row deleted or
+    truncated (its memory left there by the table's triggers) and inserted again, or a
+    new id. A row with memory costs no second lookup.
+    """
+    return conn.execute(
+        sql.SQL(
+            """INSERT INTO pg_temp.balsync_delta
+               SELECT d.id, d.new, d.old, d.present, d.tid, coalesce(d.mem, w.balance), NULL
+               FROM (SELECT s.id, s.balance AS new, t.balance AS old, t.tid, t.mem,
+                            t.id IS NOT NULL AS present
+                     FROM pg_temp.balsync_stage s LEFT JOIN LATERAL (
+                         SELECT x.{id} AS id, x.{bal} AS balance, x.ctid AS tid,
+                                x.balsync_written AS mem
+                         FROM {table} x WHERE x.{id} = s.id OFFSET 0) t ON true
+                     OFFSET 0) AS d
+               LEFT JOIN LATERAL (
+                   SELECT m.balance FROM balsync.written m
+                   WHERE d.mem IS NULL AND m.target_table = %s AND m.telegram_id = d.id
+                   OFFSET 0) w ON true
+               WHERE d.old IS DISTINCT FROM d.new
+                  OR coalesce(d.mem, w.balance) IS DISTINCT FROM d.new"""
+        ).format(**_names(target)),
+        (key,),
+    ).rowcount
+
+
+def _write_in_row(conn: Connection, target: TargetTable, key: str) -> tuple[int, int]:
+    """Write the delta and its memory into the same rows: (updated, inserted).
+
+    One UPDATE per row sets the balance and what balsync wrote; a row that already agrees
+    gets its memory only (updated_at kept). The balance is checked again under the row
+    lock, as in `_write`.
+    """
+    names = _names(target)
+    touch = (
+        sql.SQL(
+            ", updated_at = CASE WHEN d.old IS DISTINCT FROM d.new THEN now() ELSE t.updated_at END"
+        )
+        if target.has_updated_at
+        else sql.SQL("")
+    )
+    columns, values = _touch_on_insert(target)
+    inserting = (
+        sql.SQL(
+            """, ins AS (
+                   INSERT INTO {table} ({id}, {bal}, balsync_written{cols})
+                   SELECT d.id, d.new, d.new{vals} FROM pg_temp.balsync_delta d
+                   WHERE NOT d.present
+                   ON CONFLICT ({id}) DO NOTHING
+                   RETURNING 1
+               )"""
+        ).format(cols=columns, vals=values, **names)
+        if target.can_insert
+        else sql.SQL("")
+    )
+    row = conn.execute(
+        sql.SQL(
+            """WITH upd AS (
+                   UPDATE {table} AS t
+                   SET {bal} = d.new, balsync_written = d.new, balsync_cleared = false{touch}
+                   FROM pg_temp.balsync_delta d
+                   WHERE t.ctid = d.tid AND (t.{id} = d.id) IS TRUE AND d.present
+                     AND t.{bal} IS NOT DISTINCT FROM d.old
+                   RETURNING d.old IS DISTINCT FROM d.new AS changed
+               ){inserting}
+               SELECT (SELECT count(*) FROM upd WHERE changed), {inserted}"""
+        ).format(
+            touch=touch,
+            inserting=inserting,
+            inserted=sql.SQL("(SELECT count(*) FROM ins)" if target.can_insert else "0"),
+            **names,
+        )
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _write(conn: Connection, target: TargetTable, key: str) -> tuple[int, int]:
+    """Write the delta, and its memory into balsync.written: (updated, inserted)."""
+    names = _names(target)
     touch = sql.SQL(", updated_at = now()") if target.has_updated_at else sql.SQL("")
     insert_touch = _touch_on_insert(target)
     # `t.bal IS NOT DISTINCT FROM d.old` is checked again under the row lock: a row someone
@@ -418,22 +528,40 @@ def _merge(
         {"key": key},
     ).fetchone()
     assert row is not None
-    # A conflict resolved for the database is remembered only once Redis holds its value
-    # (`Database.remember`, after the compare-and-set): never on the hope that it will.
-    return BatchCounts(int(row[1]), int(row[0]), unknown, conflicts)
+    return int(row[0]), int(row[1])
 
 
 def _remember(
-    conn: Connection, table: TableName, pairs: Sequence[tuple[int, Decimal | str]]
+    conn: Connection, target: TargetTable, pairs: Sequence[tuple[int, Decimal | str]]
 ) -> None:
-    """Record values as what balsync last wrote (or saw agree) for these ids."""
-    if pairs:
-        conn.execute(
-            """INSERT INTO balsync.written (target_table, telegram_id, balance)
-               SELECT %s, i, b FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b) """
-            + _REMEMBER,
-            (str(table), [i for i, _ in pairs], [str(b) for _, b in pairs]),
-        )
+    """Record values as what balsync last wrote (or saw agree) for these ids: in their rows
+    where the table keeps memory there, else (and for ids with no row) in balsync.written."""
+    if not pairs:
+        return
+    ids, balances = [i for i, _ in pairs], [str(b) for _, b in pairs]
+    if target.memory_in_row:
+        names = _names(target)
+        kept = {
+            int(r[0])
+            for r in conn.execute(
+                sql.SQL(
+                    """UPDATE {table} t SET balsync_written = u.b, balsync_cleared = false
+                       FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b)
+                       WHERE t.{id} = u.i RETURNING t.{id}"""
+                ).format(**names),
+                (ids, balances),
+            )
+        }
+        rest = [(i, b) for i, b in zip(ids, balances, strict=True) if i not in kept]
+        ids, balances = [i for i, _ in rest], [b for _, b in rest]
+        if not ids:
+            return
+    conn.execute(
+        """INSERT INTO balsync.written (target_table, telegram_id, balance)
+           SELECT %s, i, b FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b) """
+        + _REMEMBER,
+        (str(target.table), ids, balances),
+    )
 
 
 def _read_up_to(conn: Connection, table: TableName, position: Trust | None) -> None:
@@ -448,7 +576,7 @@ def _read_up_to(conn: Connection, table: TableName, position: Trust | None) -> N
 
 def _resolved_for_db(
     conn: Connection,
-    table: TableName,
+    target: TargetTable,
     counts: BatchCounts,
     resolve_in_redis: Callable[[list[Conflict]], set[int]],
 ) -> BatchCounts:
@@ -461,7 +589,7 @@ def _resolved_for_db(
     if not wanted:
         return counts
     done = resolve_in_redis(wanted)
-    _remember(conn, table, [(c.telegram_id, c.db_value) for c in wanted if c.telegram_id in done])
+    _remember(conn, target, [(c.telegram_id, c.db_value) for c in wanted if c.telegram_id in done])
     conflicts = [
         c if c.resolution != "db" or c.telegram_id in done else replace(c, resolution="kept")
         for c in counts.conflicts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator, Sequence
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -109,11 +110,13 @@ class Reads(Part):
             started = time.monotonic()
             params: tuple[object, ...] = (after,) if ids is None else (after, list(ids))
             guard: _Watchdog | None = None
+            stream: psycopg.ServerCursor[Any] | None = None
             try:
                 conn = self.db.connection()
                 guard = _Watchdog(conn, self.db.deadline)
                 guard.arm()
                 with conn.transaction(), conn.cursor(name="balsync_stream") as cursor:
+                    stream = cursor
                     cursor.execute(query, params)
                     while rows := cursor.fetchmany(batch_size):
                         failing_since = None
@@ -133,6 +136,8 @@ class Reads(Part):
                     # must stay the error it reports): a read-only transaction that cannot be
                     # ended politely ends with its connection.
                     self.db.close()
+                    if stream is not None:
+                        stream.close()  # on a closed connection: only marks it closed
                     return
                 transient = retry.is_transient_postgres(exc)
                 if not transient and exc.sqlstate not in _LOGIN_REFUSED:
