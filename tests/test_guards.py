@@ -228,7 +228,8 @@ def test_written_memory_of_an_application_table_is_kept_in_balsync_schema(
     sync_json(balsync, "--table", "wallets")
     with psycopg.connect(database_url) as conn:
         count = conn.execute(
-            "SELECT count(*) FROM balsync.written WHERE target_table = 'public.wallets'"
+            """SELECT count(*) FROM balsync.written w JOIN balsync.targets t ON t.id = w.target_id
+               WHERE t.target_table = 'public.wallets'"""
         ).fetchone()
         columns = conn.execute(
             "SELECT count(*) FROM pg_attribute WHERE attrelid = 'wallets'::regclass"

@@ -27,20 +27,22 @@ def memory(pg: PG, table: str = "user_balances") -> dict[int, str | None]:
     }
 
 
-def aside(pg: PG) -> dict[int, str]:
-    """What balsync.written remembers for init-db's table."""
+def aside(pg: PG, table: str = "public.user_balances") -> dict[int, str]:
+    """What balsync.written remembers for a table (init-db's by default)."""
     return {
         int(str(i)): str(b)
         for i, b in pg.execute(
-            """SELECT telegram_id, balance::text FROM balsync.written
-               WHERE target_table = 'public.user_balances'"""
+            """SELECT w.telegram_id, w.balance::text FROM balsync.written w
+               JOIN balsync.targets t ON t.id = w.target_id
+               WHERE t.target_table = %s""",
+            (table,),
         )
     }
 
 
 def as_before_this_version(pg: PG) -> None:
     """Turn an installation into what the previous version left: no memory columns, no
-    triggers, no balsync.targets, memory in balsync.written."""
+    triggers, no balsync.targets, memory in balsync.written keyed by the table's name."""
     rows = pg.execute(
         "SELECT telegram_id, balsync_written FROM user_balances WHERE balsync_written IS NOT NULL"
     ).fetchall()
@@ -51,12 +53,24 @@ def as_before_this_version(pg: PG) -> None:
     pg.execute("DROP TRIGGER IF EXISTS balsync_keep_memory_truncated ON user_balances")
     pg.execute("DROP TABLE balsync.targets")
     pg.execute("DROP FUNCTION balsync.keep_memory()")
-    for telegram_id, written in rows:
+    pg.execute("DROP FUNCTION balsync.target_id(text)")
+    pg.execute("DROP TABLE balsync.written")
+    pg.execute(
+        """CREATE TABLE balsync.written (
+               target_table text NOT NULL, telegram_id bigint NOT NULL,
+               balance numeric(20,2) NOT NULL, cleared boolean NOT NULL DEFAULT false,
+               PRIMARY KEY (target_table, telegram_id))"""
+    )
+    for telegram_id, written in [*rows, (77, "7.00")]:
         pg.execute(
             """INSERT INTO balsync.written (target_table, telegram_id, balance)
                VALUES ('public.user_balances', %s, %s)""",
             (telegram_id, written),
         )
+    pg.execute(  # an application table's memory, which must survive the new key
+        """INSERT INTO balsync.written (target_table, telegram_id, balance)
+           VALUES ('public.wallets', 5, 5)"""
+    )
 
 
 @pytest.fixture
@@ -166,10 +180,7 @@ def test_a_copy_of_the_table_is_an_application_table(synced, rds, key_prefix, pg
     pg.execute("CREATE TABLE wallets (LIKE user_balances INCLUDING ALL)")
     wallets = Balsync({**synced.env, "BALSYNC_TABLE": "wallets"})
     assert sync_json(wallets)[0] == 0
-    remembered = pg.execute(
-        "SELECT count(*) FROM balsync.written WHERE target_table = 'public.wallets'"
-    ).fetchone()
-    assert remembered == (3,)
+    assert aside(pg, "public.wallets") == {1: "10.00", 2: "20.00", 3: "30.00"}
     pg.execute("UPDATE wallets SET balance = 25 WHERE telegram_id = 2")
     rds.set(f"{key_prefix}2", "21.00")
     code, data = sync_json(wallets)
@@ -191,7 +202,8 @@ def test_init_db_moves_the_memory_of_an_earlier_version_into_the_rows(synced, rd
     created = json.loads(synced.ok("init-db", "--json").stdout)["created"]
     assert created == ["memory columns of table user_balances"]
     assert memory(pg) == {1: "10.00", 2: "20.00", 3: "30.00"}
-    assert aside(pg) == {}
+    assert aside(pg) == {77: "7.00"}  # an id with no row keeps its memory aside
+    assert aside(pg, "public.wallets") == {5: "5.00"}
     code, data = sync_json(synced)
     assert (code, data["updated"], data["skipped"]) == (1, 1, 1)
     assert balances(pg) == {1: "15.00", 2: "22.00", 3: "30.00"}

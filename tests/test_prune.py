@@ -87,8 +87,8 @@ def generate_year(pg: Conn, *, restart_days_ago: int | None = 200, every: int = 
         (KEY,),
     )
     pg.execute(
-        """INSERT INTO balsync.written (target_table, telegram_id, balance)
-           SELECT %s, i, i FROM generate_series(1, 1000) AS i""",
+        """INSERT INTO balsync.written (target_id, telegram_id, balance)
+           SELECT balsync.target_id(%s), i, i FROM generate_series(1, 1000) AS i""",
         (KEY,),
     )
     if restart_days_ago is not None:

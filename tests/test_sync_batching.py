@@ -9,7 +9,7 @@ from click.testing import Result
 
 from balance_sync.ops.sync.reading import Batch, Batcher
 from balance_sync.settings import resolve_settings
-from balance_sync.stores.postgres import Database, Ledger, Merge, Reads, Schema
+from balance_sync.stores.postgres import Database, Ledger, Merge, Reads, Schema, Staged
 from balance_sync.validation import InvalidRecord
 from tests.helpers import (
     COUNTERS,
@@ -110,7 +110,9 @@ def test_batcher_keeps_an_id_once_per_batch_across_pages():
         done += batcher.add(suffix, b"k" + suffix, raw, (suffix, raw), None)
     assert [r[0] for r in batcher.batch.records] == [b"1", b"2", b"3", b"4"]
     filled = batcher.add_page([(b"%d" % i, b"1.00") for i in range(5, 12)])
-    assert [[r[0] for r in b.records] for b in done + (filled or [])] == [
+    assert [
+        [r.split(b"\t")[0] for r in b.staged.text.splitlines()] for b in done + (filled or [])
+    ] == [
         [b"1", b"2", b"3", b"4", b"5"],
         [b"6", b"7", b"8", b"9", b"10"],
     ]
@@ -178,7 +180,7 @@ def test_a_retried_batch_is_never_applied_twice(initialized, env, key_prefix, pg
         def apply() -> tuple[int, int, list[int]]:
             counts = Merge(db).apply_batch(
                 target,
-                records,
+                Staged.of(records),
                 invalid,
                 run_id=run_id,
                 batch_no=1,

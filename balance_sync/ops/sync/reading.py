@@ -8,7 +8,7 @@ from operator import itemgetter
 
 from balance_sync.ops.sync.model import SyncOptions
 from balance_sync.settings import Settings
-from balance_sync.stores.postgres import BalanceType
+from balance_sync.stores.postgres import BalanceType, Staged
 from balance_sync.stores.redis import RedisStore
 from balance_sync.validation import InvalidRecord, ValidRecord, common_page, validate_page
 
@@ -16,11 +16,19 @@ from balance_sync.validation import InvalidRecord, ValidRecord, common_page, val
 @dataclass
 class Batch:
     number: int
-    records: list[ValidRecord] = field(default_factory=list)
+    records: list[ValidRecord] = field(default_factory=list)  # while the batch fills
+    staged: Staged = field(default_factory=Staged)  # once it is full: the records as text
     invalid: list[InvalidRecord] = field(default_factory=list)
     keys: int = 0
     raw: dict[int, bytes] = field(default_factory=dict)  # only for --on-conflict db
     unfit: list[InvalidRecord] = field(default_factory=list)  # too wide for the column
+
+    def seal(self) -> Batch:
+        """The batch, full: its records turned into the text COPY takes, the objects freed.
+        Queued and in-flight batches are most of a run's memory otherwise."""
+        self.staged = Staged.of(self.records)
+        self.records = []
+        return self
 
     @property
     def skipped(self) -> list[InvalidRecord]:
@@ -73,7 +81,7 @@ def read_batches(
                     record = (checked[0], held)
             yield from batcher.add(key[prefix_length:], key, raw, record, problem)
     if batcher.batch.keys:
-        yield batcher.batch
+        yield batcher.batch.seal()
 
 
 _first = itemgetter(0)
@@ -95,7 +103,7 @@ class Batcher:
         done = self.batch
         self.batch = Batch(done.number + 1)
         self.seen = set()
-        return done
+        return done.seal()
 
     def add_wrong_type(self, key: bytes, kind: str) -> None:
         """A key of another type than string: skipped, and counted invalid."""

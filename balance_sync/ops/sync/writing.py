@@ -138,7 +138,7 @@ class Writing:
         writing = not self.options.dry_run
         counts = Merge(writer).apply_batch(
             self.target,
-            batch.records,
+            batch.staged,
             batch.skipped,
             run_id=result.run_id,
             batch_no=batch.number,
@@ -176,7 +176,7 @@ class Writing:
         result = self.result
         skipped = len(batch.skipped) + len(counts.unknown_ids) + counts.kept
         unchanged = (
-            len(batch.records)
+            batch.staged.count
             - counts.inserted
             - counts.updated
             - len(counts.unknown_ids)

@@ -36,6 +36,7 @@ from balance_sync.stores.postgres.merge import (
     MergePolicy,
     OnConflict,
     Resolution,
+    Staged,
     text_of,
 )
 from balance_sync.stores.postgres.reads import Reads, balance_lookup, looked_up_balance
@@ -68,6 +69,7 @@ __all__ = [
     "RunWindow",
     "Schema",
     "SkippedRecord",
+    "Staged",
     "TableLock",
     "TableSize",
     "TargetTable",

@@ -4,6 +4,7 @@ what a Redis restart may have lost."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import LiteralString
 
 from psycopg import sql
 
@@ -12,6 +13,16 @@ from balance_sync.stores.postgres.connection import Connection, Part, _ident
 from balance_sync.stores.postgres.merge import _read_up_to, _remember
 from balance_sync.stores.postgres.schema import CLEARED_COLUMN, WRITTEN_COLUMN, TargetTable
 from balance_sync.stores.postgres.trust import Trust
+
+# The ids of a table and of the tables synced from the same Redis keys (a view over it,
+# its name before a rename): whose memory speaks for its rows.
+_KNOWN_AS: LiteralString = """SELECT t.id FROM balsync.targets t
+    WHERE t.target_table = %s
+       OR t.target_table IN (SELECT target_table FROM balsync.sync_runs WHERE key_prefix = %s)"""
+_KNOWN_AS_NAMED: LiteralString = """SELECT t.id FROM balsync.targets t
+    WHERE t.target_table = %(table)s
+       OR t.target_table IN (SELECT target_table FROM balsync.sync_runs
+                             WHERE key_prefix = %(prefix)s)"""
 
 
 class Memory(Part):
@@ -48,11 +59,10 @@ class Memory(Part):
 
         def run(conn: Connection) -> bool:
             row = conn.execute(
-                """SELECT EXISTS (SELECT 1 FROM balsync.written WHERE target_table = %s)
-                       OR EXISTS (SELECT 1 FROM balsync.written w
-                                  WHERE w.target_table IN (SELECT target_table
-                                                           FROM balsync.sync_runs
-                                                           WHERE key_prefix = %s))""",
+                """SELECT EXISTS (SELECT 1 FROM balsync.written w
+                                  WHERE w.target_id IN ("""
+                + _KNOWN_AS
+                + """))""",
                 (key, key_prefix),
             ).fetchone()
             if row and row[0]:
@@ -79,9 +89,9 @@ class Memory(Part):
         # where they have none.
         aside = sql.SQL(
             """SELECT w.telegram_id FROM balsync.written w
-               WHERE (w.target_table = %(table)s
-                      OR w.target_table IN (SELECT target_table FROM balsync.sync_runs
-                                            WHERE key_prefix = %(prefix)s))
+               WHERE w.target_id IN ("""
+            + _KNOWN_AS_NAMED
+            + """)
                  AND NOT w.cleared
                  AND NOT EXISTS (SELECT 1 FROM balsync.restart_seen s
                                  WHERE s.run_id = %(run)s AND s.telegram_id = w.telegram_id)
@@ -130,7 +140,8 @@ class Memory(Part):
                     )
                 conn.execute(
                     """UPDATE balsync.written SET cleared = true
-                       WHERE target_table = %s AND telegram_id = ANY(%s)""",
+                       WHERE target_id = (SELECT id FROM balsync.targets WHERE target_table = %s)
+                         AND telegram_id = ANY(%s)""",
                     (key, list(ids)),
                 )
 

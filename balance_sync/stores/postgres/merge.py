@@ -14,7 +14,7 @@ from balance_sync.errors import LockLost
 from balance_sync.settings import TableName
 from balance_sync.stores.postgres.connection import Connection, Part, _ident
 from balance_sync.stores.postgres.lock import _LOCK_ROW, LOCK_CLASS, RunLock
-from balance_sync.stores.postgres.schema import TargetTable
+from balance_sync.stores.postgres.schema import TargetTable, target_id
 from balance_sync.stores.postgres.trust import Trust
 from balance_sync.validation import InvalidRecord, ValidRecord
 
@@ -22,8 +22,7 @@ RAW_VALUE_LIMIT = 200
 UNKNOWN_ID = "unknown id: no such row, and the table takes no inserts"
 # How a row of balsync.written is replaced: its last written value, whoever wrote it first.
 _REMEMBER: LiteralString = (
-    "ON CONFLICT (target_table, telegram_id) DO UPDATE SET balance = EXCLUDED.balance,"
-    " cleared = false"
+    "ON CONFLICT (target_id, telegram_id) DO UPDATE SET balance = EXCLUDED.balance, cleared = false"
 )
 
 
@@ -76,6 +75,22 @@ class MergePolicy:
 
 
 @dataclass(frozen=True)
+class Staged:
+    """A batch's valid records as the text COPY takes: what stays resident while the batch
+    waits for a writer (an eighth of the records as Python objects)."""
+
+    text: bytes = b""
+    count: int = 0
+
+    @classmethod
+    def of(cls, records: Sequence[ValidRecord]) -> Staged:
+        """The records (id, value) as COPY lines."""
+        if not records:
+            return cls()
+        return cls(b"".join([b"\n".join(map(b"\t".join, records)), b"\n"]), len(records))
+
+
+@dataclass(frozen=True)
 class BatchCounts:
     """What PostgreSQL reported for one batch."""
 
@@ -96,7 +111,7 @@ class Merge(Part):
     def apply_batch(
         self,
         target: TargetTable,
-        records: Sequence[ValidRecord],
+        staged: Staged,
         invalid: Sequence[InvalidRecord],
         *,
         run_id: int | None,
@@ -123,19 +138,18 @@ class Merge(Part):
         it and says which keys it really set: only those are remembered; the others stay
         conflicts, kept.
         """
-        payload = b"".join([b"\n".join(map(b"\t".join, records)), b"\n"]) if records else b""
 
         def run(conn: Connection) -> BatchCounts:
             with conn.transaction(force_rollback=run_id is None):
                 if lock is not None:
                     _check_lock(conn, target.table, lock.holder_pid())
-                _stage(conn, payload)
+                _stage(conn, staged.text)
                 if run_id is not None:
                     done = _batch_done(conn, target, run_id, batch_no)
                     if done is not None:
                         return done
                 if policy.insert_first:
-                    counts = _insert_first(conn, target, policy, len(records))
+                    counts = _insert_first(conn, target, policy, staged.count)
                 else:
                     counts = _merge(conn, target, policy, dry_run=run_id is None)
                 if run_id is None:
@@ -290,11 +304,11 @@ def _insert_first_remembered_aside(
                    ON CONFLICT ({id}) DO NOTHING
                    RETURNING {id} AS id, {bal} AS balance
                )
-               INSERT INTO balsync.written (target_table, telegram_id, balance)
+               INSERT INTO balsync.written (target_id, telegram_id, balance)
                SELECT %s, id, balance FROM ins """
             + _REMEMBER
         ).format(columns=columns, values=values, **_names(target)),
-        (str(target.table),),
+        (target_id(conn, str(target.table)),),
     ).rowcount
 
 
@@ -324,7 +338,7 @@ def _merge(
     (an adopted table, a value someone else wrote), with what balsync last wrote for
     them. Everything after that touches only the delta.
     """
-    key = str(target.table)
+    key = target_id(conn, str(target.table))
     delta = (_classify_in_row if target.memory_in_row else _classify)(conn, target, key)
     if delta == 0:
         return BatchCounts(0, 0, [])
@@ -354,7 +368,7 @@ def _merge(
     return BatchCounts(inserted, updated, unknown, conflicts)
 
 
-def _classify(conn: Connection, target: TargetTable, key: str) -> int:
+def _classify(conn: Connection, target: TargetTable, key: int) -> int:
     """Fill the delta, with the memory balsync.written holds; returns its size."""
     names = _names(target)
     # Each lookup is a LATERAL subquery behind OFFSET 0, so it runs once per row and by
@@ -372,14 +386,14 @@ def _classify(conn: Connection, target: TargetTable, key: str) -> int:
                      OFFSET 0) AS d
                LEFT JOIN LATERAL (
                    SELECT m.balance, m.ctid FROM balsync.written m
-                   WHERE m.target_table = %s AND m.telegram_id = d.id OFFSET 0) w ON true
+                   WHERE m.target_id = %s AND m.telegram_id = d.id OFFSET 0) w ON true
                WHERE d.old IS DISTINCT FROM d.new OR w.balance IS DISTINCT FROM d.new"""
         ).format(tid=sql.SQL("x.ctid" if target.has_ctid else "NULL::tid"), **names),
         (key,),
     ).rowcount
 
 
-def _classify_in_row(conn: Connection, target: TargetTable, key: str) -> int:
+def _classify_in_row(conn: Connection, target: TargetTable, key: int) -> int:
     """Fill the delta, with the memory in the target's own rows; returns its size.
 
     balsync.written is looked up only for an id whose row has no memory: a row deleted or
@@ -399,7 +413,7 @@ def _classify_in_row(conn: Connection, target: TargetTable, key: str) -> int:
                      OFFSET 0) AS d
                LEFT JOIN LATERAL (
                    SELECT m.balance FROM balsync.written m
-                   WHERE d.mem IS NULL AND m.target_table = %s AND m.telegram_id = d.id
+                   WHERE d.mem IS NULL AND m.target_id = %s AND m.telegram_id = d.id
                    OFFSET 0) w ON true
                WHERE d.old IS DISTINCT FROM d.new
                   OR coalesce(d.mem, w.balance) IS DISTINCT FROM d.new"""
@@ -408,7 +422,7 @@ def _classify_in_row(conn: Connection, target: TargetTable, key: str) -> int:
     ).rowcount
 
 
-def _write_in_row(conn: Connection, target: TargetTable, key: str) -> tuple[int, int]:
+def _write_in_row(conn: Connection, target: TargetTable, key: int) -> tuple[int, int]:
     """Write the delta and its memory into the same rows: (updated, inserted).
 
     One UPDATE per row sets the balance and what balsync wrote; a row that already agrees
@@ -459,7 +473,7 @@ def _write_in_row(conn: Connection, target: TargetTable, key: str) -> tuple[int,
     return int(row[0]), int(row[1])
 
 
-def _write(conn: Connection, target: TargetTable, key: str) -> tuple[int, int]:
+def _write(conn: Connection, target: TargetTable, key: int) -> tuple[int, int]:
     """Write the delta, and its memory into balsync.written: (updated, inserted)."""
     names = _names(target)
     touch = sql.SQL(", updated_at = now()") if target.has_updated_at else sql.SQL("")
@@ -501,9 +515,9 @@ def _write(conn: Connection, target: TargetTable, key: str) -> tuple[int, int]:
                ), remembered AS (
                    UPDATE balsync.written w SET balance = u.balance, cleared = false
                    FROM seen u
-                   WHERE w.ctid = u.wtid AND w.target_table = %(key)s AND w.telegram_id = u.id
+                   WHERE w.ctid = u.wtid AND w.target_id = %(key)s AND w.telegram_id = u.id
                ), written AS (
-                   INSERT INTO balsync.written (target_table, telegram_id, balance)
+                   INSERT INTO balsync.written (target_id, telegram_id, balance)
                    SELECT %(key)s, id, balance FROM {written_rows} {remember}
                )
                SELECT (SELECT count(*) FROM upd), {inserted}"""
@@ -557,10 +571,10 @@ def _remember(
         if not ids:
             return
     conn.execute(
-        """INSERT INTO balsync.written (target_table, telegram_id, balance)
+        """INSERT INTO balsync.written (target_id, telegram_id, balance)
            SELECT %s, i, b FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b) """
         + _REMEMBER,
-        (str(target.table), ids, balances),
+        (target_id(conn, str(target.table)), ids, balances),
     )
 
 
