@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from balance_sync.stores.postgres import Schema
 from tests.helpers import PG, Balsync, balances, lock_held
 
 
@@ -154,9 +155,20 @@ def test_memory_columns_dropped_with_cascade_stop_every_sync(synced, rds, key_pr
         "DROP TRIGGER balsync_keep_memory_deleted ON user_balances",
         "DROP TRIGGER balsync_keep_memory_truncated ON user_balances",
         "ALTER TABLE user_balances DISABLE TRIGGER balsync_keep_memory_deleted",
+        # no longer fires in ordinary sessions: as good as disabled
+        "ALTER TABLE user_balances ENABLE REPLICA TRIGGER balsync_keep_memory_deleted",
+        # fires in ordinary sessions only: not in a bulk loader's replica session
+        "ALTER TABLE user_balances ENABLE TRIGGER balsync_keep_memory_updated",
         "ALTER TABLE user_balances RENAME COLUMN balsync_written TO written_before",
     ],
-    ids=["delete-trigger", "truncate-trigger", "disabled", "renamed-column"],
+    ids=[
+        "delete-trigger",
+        "truncate-trigger",
+        "disabled",
+        "replica-only",
+        "origin-only",
+        "renamed-column",
+    ],
 )
 def test_memory_that_rows_could_lose_stops_every_sync(synced, rds, key_prefix, pg, statement):
     """Without its triggers a deleted row would take its memory along: sync refuses until
@@ -261,3 +273,202 @@ def test_a_role_without_rights_on_balsync_can_delete_and_the_memory_is_kept(sync
         pg.execute(f"REVOKE ALL ON user_balances FROM {role}")
         pg.execute(f"REVOKE ALL ON SCHEMA public FROM {role}")
         pg.execute(f"DROP ROLE {role}")
+
+
+# -- what the application and the operator do to rows, ids and the table -----------------
+
+
+def kept(tool: Balsync, pg: PG, expected: str, table: str = "user_balances") -> None:
+    """The next sync keeps row 1 at `expected` as a conflict, exit 1."""
+    code, data = sync_json(tool)
+    assert balances(pg, table)[1] == expected, (code, data)
+    assert code == 1
+
+
+def test_swapping_two_ids_is_a_correction_not_reverted(synced, pg):
+    """An admin swaps the balances of ids 1 and 2 by swapping ids: the memory belongs to
+    the id, not the row, so both rows differ from what balsync wrote: conflicts, kept."""
+    with pg.transaction():
+        pg.execute("UPDATE user_balances SET telegram_id = 999 WHERE telegram_id = 1")
+        pg.execute("UPDATE user_balances SET telegram_id = 1 WHERE telegram_id = 2")
+        pg.execute("UPDATE user_balances SET telegram_id = 2 WHERE telegram_id = 999")
+    code, data = sync_json(synced)
+    assert balances(pg) == {1: "20.00", 2: "10.00", 3: "30.00"}, (code, data)
+    assert code == 1
+
+
+def test_a_moved_row_leaves_the_memory_of_its_old_id_behind(synced, rds, key_prefix, pg):
+    """Row 1 moves to id 7 and a corrected row 1 is inserted: id 1 is still remembered."""
+    pg.execute("UPDATE user_balances SET telegram_id = 7 WHERE telegram_id = 1")
+    pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 15)")
+    rds.set(f"{key_prefix}1", "11.00")
+    kept(synced, pg, "15.00")
+    assert memory(pg)[7] is None
+
+
+def test_restoring_rows_from_a_backup_is_a_correction_not_overwritten(synced, rds, key_prefix, pg):
+    """A row restored with every column of an old backup brings stale memory along; it is
+    reset, and what balsync wrote since (kept aside by the delete) makes it a conflict."""
+    pg.execute("CREATE TABLE backup AS SELECT * FROM user_balances")
+    rds.set(f"{key_prefix}1", "12.00")
+    assert sync_json(synced)[0] == 0
+    with pg.transaction():
+        pg.execute("DELETE FROM user_balances WHERE telegram_id = 1")
+        pg.execute("INSERT INTO user_balances SELECT * FROM backup WHERE telegram_id = 1")
+    assert memory(pg)[1] is None
+    kept(synced, pg, "10.00")
+
+
+def test_a_full_row_save_of_a_stale_read_is_a_correction(synced, rds, key_prefix, pg):
+    """An ORM saves every column it read before balsync wrote 12.00: the memory columns it
+    writes back are ignored, so the admin's 10.00 is a conflict, not overwritten."""
+    loaded = pg.execute(
+        "SELECT balance, balsync_written, balsync_cleared FROM user_balances WHERE telegram_id = 1"
+    ).fetchone()
+    rds.set(f"{key_prefix}1", "12.00")
+    assert sync_json(synced)[0] == 0
+    pg.execute(
+        """UPDATE user_balances SET balance = %s, balsync_written = %s, balsync_cleared = %s,
+           updated_at = now() WHERE telegram_id = 1""",
+        loaded,
+    )
+    assert memory(pg)[1] == "12.00"
+    kept(synced, pg, "10.00")
+
+
+def test_init_db_on_a_copy_takes_the_memory_kept_aside(synced, rds, key_prefix, pg):
+    """A copy (LIKE, INSERT SELECT *) synced as an application table, then set up by
+    init-db: balsync.written's memory wins over the values copied into its columns."""
+    pg.execute("CREATE SCHEMA ledger")
+    pg.execute("CREATE TABLE ledger.user_balances (LIKE public.user_balances INCLUDING ALL)")
+    pg.execute("INSERT INTO ledger.user_balances SELECT * FROM public.user_balances")
+    ledger = Balsync({**synced.env, "BALSYNC_TABLE": "ledger.user_balances"})
+    assert sync_json(ledger)[0] == 0
+    rds.set(f"{key_prefix}1", "12.00")
+    assert sync_json(ledger)[0] == 0
+    pg.execute("UPDATE ledger.user_balances SET balance = 10 WHERE telegram_id = 1")
+    assert sync_json(ledger)[0] == 1
+    ledger.ok("init-db")
+    assert memory(pg, "ledger.user_balances")[1] == "12.00"
+    kept(ledger, pg, "10.00", "ledger.user_balances")
+
+
+@pytest.mark.parametrize("role", ["origin", "replica"])
+def test_a_row_deleted_and_inserted_in_one_transaction_is_a_conflict(
+    synced, rds, key_prefix, pg, role
+):
+    """Also in a replica session (bulk loaders, logical replication set
+    session_replication_role = replica), where ordinary triggers do not fire."""
+    with pg.transaction():
+        pg.execute(f"SET LOCAL session_replication_role = {role}")
+        pg.execute("DELETE FROM user_balances WHERE telegram_id = 1")
+        pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 15)")
+    rds.set(f"{key_prefix}1", "11.00")
+    kept(synced, pg, "15.00")
+
+
+def test_dropping_the_table_fails_without_cascade(synced, pg):
+    """A rebuild that drops the table would drop its memory: balsync's view over it makes
+    DROP TABLE fail, naming that view; with CASCADE it is the operator's explicit choice."""
+    with pytest.raises(psycopg.errors.DependentObjectsStillExist, match="balsync"):
+        pg.execute("DROP TABLE user_balances")
+
+
+def test_dropping_balsyncs_view_stops_every_sync(synced, rds, key_prefix, pg):
+    """Without the view a DROP TABLE would go through: refused until init-db."""
+    view = pg.execute(
+        """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = 'balsync' AND c.relkind = 'v'"""
+    ).fetchone()
+    assert view is not None
+    pg.execute(f'DROP VIEW balsync."{view[0]}"')
+    rds.set(f"{key_prefix}1", "11.00")
+    assert sync_json(synced)[0] == 5
+    synced.ok("init-db")
+    assert sync_json(synced)[0] == 0
+
+
+def test_an_upsert_by_the_application_is_a_conflict(synced, rds, key_prefix, pg):
+    pg.execute(
+        """INSERT INTO user_balances (telegram_id, balance) VALUES (1, 15)
+           ON CONFLICT (telegram_id) DO UPDATE SET balance = EXCLUDED.balance"""
+    )
+    rds.set(f"{key_prefix}1", "11.00")
+    kept(synced, pg, "15.00")
+
+
+def test_a_truncate_cascading_from_another_table_keeps_the_memory(synced, rds, key_prefix, pg):
+    pg.execute("CREATE TABLE accounts (id bigint PRIMARY KEY)")
+    pg.execute("INSERT INTO accounts VALUES (1), (2), (3)")
+    pg.execute("ALTER TABLE user_balances ADD FOREIGN KEY (telegram_id) REFERENCES accounts")
+    pg.execute("TRUNCATE accounts CASCADE")
+    pg.execute("INSERT INTO accounts VALUES (1), (2), (3)")
+    pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 15), (2, 20)")
+    rds.set(f"{key_prefix}1", "11.00")
+    kept(synced, pg, "15.00")
+
+
+def test_a_value_kept_aside_that_balsync_wrote_over_is_not_the_memory(synced, rds, key_prefix, pg):
+    """Row 1 deleted (10.00 aside), balsync inserts it again (12.00 in the row); the admin
+    sets it back to 10.00: the row's own memory stands, so it is a conflict."""
+    pg.execute("DELETE FROM user_balances WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "12.00")
+    assert sync_json(synced)[0] == 0
+    pg.execute("UPDATE user_balances SET balance = 10 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "13.00")
+    kept(synced, pg, "10.00")
+
+
+def test_on_conflict_db_is_remembered_in_the_row(synced, rds, key_prefix, pg):
+    pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    sync_json(synced, "--on-conflict", "db")
+    assert rds.get(f"{key_prefix}1") == b"15.00"
+    assert memory(pg)[1] == "15.00"
+    code, data = sync_json(synced)
+    assert (code, data["updated"], balances(pg)[1]) == (0, 0, "15.00")
+
+
+def test_a_dry_run_changes_no_memory(synced, rds, key_prefix, pg):
+    pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    rds.set(f"{key_prefix}2", "22.00")
+    assert synced("sync", "--dry-run", "--json").exit_code == 1
+    assert memory(pg) == {1: "10.00", 2: "20.00", 3: "30.00"}
+    kept(synced, pg, "15.00")
+    assert balances(pg)[2] == "22.00"
+
+
+def test_init_db_migrating_while_a_sync_waits_for_its_lock(
+    balsync, rds, key_prefix, pg, monkeypatch
+):
+    """A sync describes an earlier version's table (memory aside), then init-db moves the
+    memory into the rows before the sync has its lock: the sync looks again once it has
+    it, and the correction made before is still a conflict."""
+    pg.execute(
+        """CREATE TABLE user_balances (
+               telegram_id bigint PRIMARY KEY CHECK (telegram_id > 0),
+               balance numeric(20,2) NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"""
+    )
+    pg.execute("CREATE TABLE wallets (LIKE user_balances INCLUDING ALL)")
+    Balsync({**balsync.env, "BALSYNC_TABLE": "wallets"}).ok("init-db")  # no memory columns
+    for i, value in {1: "10.00", 2: "20.00"}.items():
+        rds.set(f"{key_prefix}{i}", value)
+    assert sync_json(balsync)[0] == 0  # memory aside: the table is not init-db's yet
+    pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    original = Schema.describe_target
+    ran: list[int] = []
+
+    def describe_then_init_db(self: Any, settings: Any) -> Any:
+        target = original(self, settings)
+        if not ran:
+            ran.append(-1)  # init-db itself must not start another one
+            ran[0] = balsync("init-db").exit_code
+        return target
+
+    monkeypatch.setattr(Schema, "describe_target", describe_then_init_db)
+    code, data = sync_json(balsync)
+    assert ran == [0]
+    assert balances(pg)[1] == "15.00", (code, data)
+    assert code == 1

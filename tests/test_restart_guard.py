@@ -374,3 +374,28 @@ def test_pruning_every_old_run_keeps_the_restart_guard(own, pg):
     code, data = own.sync()
     assert (code, data["updated"], data["skipped"]) == (1, 0, 1)
     assert balances(pg)[1] == "1500.00"
+
+
+def test_a_row_replaced_before_a_restart_is_still_guarded(own, pg):
+    """Row 1 deleted and inserted again (its memory kept aside by init-db's trigger), then
+    Redis restarts empty: the remembered key is missing, so the rebuilt 5.00 is held."""
+    with pg.transaction():
+        pg.execute("DELETE FROM user_balances WHERE telegram_id = 1")
+        pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 1500)")
+    own.restart_empty()
+    own.sync()
+    own.set({1: "5.00"})
+    code, _ = own.sync()
+    assert (code, balances(pg)[1]) == (1, "1500.00")
+
+
+def test_cleared_keys_then_a_correction_then_a_restart(own, pg):
+    """clear-cache marks the keys in their rows; a correction afterwards, then an empty
+    Redis: the rebuilt balance does not overwrite the correction."""
+    own.tool.ok("clear-cache", "--yes")
+    pg.execute("UPDATE user_balances SET balance = 1600 WHERE telegram_id = 1")
+    own.restart_empty()
+    own.sync()
+    own.set({1: "5.00"})
+    code, _ = own.sync()
+    assert (code, balances(pg)[1]) == (1, "1600.00")

@@ -48,6 +48,8 @@ def table_session(settings: Settings, *, take_lock: bool) -> Iterator[TableSessi
         redis.ping()
         target = Schema(db).describe_target(settings)
         held = take_lock and lock.acquire(0)
+        if held:  # init-db may have moved the memory into the rows before the lock was ours
+            target = Schema(db).describe_target(settings)
         skip_reason = LOCK_HELD if take_lock and not held else ""
         yield TableSession(redis, control, db, target, lock if held else None, skip_reason)
     finally:

@@ -58,9 +58,10 @@ def run_sync(
         if not options.dry_run:
             result.reason = _gate(options, control, lock, target.table)
             if result.reason:
-                result.status = "skipped"
-                log.info("sync skipped: %s", result.reason)
-                return _finish(result, started)
+                return _skipped(result, started)
+            # Again, now that the table is ours: init-db may have moved its memory into
+            # the rows while this run waited for the lock.
+            target = Schema(writers[0]).describe_target(settings)
             result.run_id = Ledger(control).start_run(settings)
             bind_run_id(result.run_id)  # every log line from here on names its run
         try:
@@ -114,6 +115,12 @@ def run_sync(
         redis.close()
         for db in (control, *writers):
             db.close()
+
+
+def _skipped(result: SyncResult, started: float) -> SyncResult:
+    result.status = "skipped"
+    log.info("sync skipped: %s", result.reason)
+    return _finish(result, started)
 
 
 def _gate(options: SyncOptions, control: Database, lock: RunLock, table: TableName) -> str:

@@ -10,8 +10,9 @@ from psycopg import sql
 
 from balance_sync.settings import TableName
 from balance_sync.stores.postgres.connection import Connection, Part, _ident
+from balance_sync.stores.postgres.memory_layout import CLEARED_COLUMN, WRITING, WRITTEN_COLUMN
 from balance_sync.stores.postgres.merge import _read_up_to, _remember
-from balance_sync.stores.postgres.schema import CLEARED_COLUMN, WRITTEN_COLUMN, TargetTable
+from balance_sync.stores.postgres.schema import TargetTable
 from balance_sync.stores.postgres.trust import Trust
 
 # The ids of a table and of the tables synced from the same Redis keys (a view over it,
@@ -34,7 +35,12 @@ class Memory(Part):
         `restore` calls it for the keys it put back: their next change in Redis is then an
         ordinary update, not a conflict with an outside write balsync never saw.
         """
-        self.call(lambda conn: _remember(conn, target, pairs))
+
+        def run(conn: Connection) -> None:
+            with conn.transaction():  # one transaction: WRITING holds for its statements
+                _remember(conn, target, pairs)
+
+        self.call(run)
 
     def forget_history(self, table: TableName) -> None:
         """No replication history can vouch for the trusted server any more: a run that was
@@ -131,6 +137,7 @@ class Memory(Part):
         def run(conn: Connection) -> None:
             with conn.transaction():
                 if target.memory_in_row:
+                    conn.execute(WRITING)
                     conn.execute(
                         sql.SQL(
                             """UPDATE {} SET balsync_cleared = true

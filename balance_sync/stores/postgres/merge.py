@@ -14,7 +14,8 @@ from balance_sync.errors import LockLost
 from balance_sync.settings import TableName
 from balance_sync.stores.postgres.connection import Connection, Part, _ident
 from balance_sync.stores.postgres.lock import _LOCK_ROW, LOCK_CLASS, RunLock
-from balance_sync.stores.postgres.schema import TargetTable, target_id
+from balance_sync.stores.postgres.memory_layout import WRITING, target_id
+from balance_sync.stores.postgres.schema import TargetTable
 from balance_sync.stores.postgres.trust import Trust
 from balance_sync.validation import InvalidRecord, ValidRecord
 
@@ -223,7 +224,8 @@ def _stage(conn: Connection, payload: bytes) -> None:
                   set_config('enable_mergejoin', 'off', true),
                   set_config('enable_seqscan', 'off', true),
                   set_config('enable_bitmapscan', 'off', true),
-                  set_config('jit', 'off', true)"""
+                  set_config('jit', 'off', true),
+                  set_config('balsync.writing', 'on', true)"""
     )
     conn.execute(
         """CREATE TEMP TABLE IF NOT EXISTS balsync_stage (
@@ -554,6 +556,7 @@ def _remember(
         return
     ids, balances = [i for i, _ in pairs], [str(b) for _, b in pairs]
     if target.memory_in_row:
+        conn.execute(WRITING)
         names = _names(target)
         kept = {
             int(r[0])

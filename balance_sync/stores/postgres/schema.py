@@ -12,8 +12,8 @@ from psycopg import sql
 
 from balance_sync.errors import BalsyncError, ConfigError, SchemaMissing
 from balance_sync.settings import ColumnUnit, Settings, TableName
+from balance_sync.stores.postgres import memory_layout
 from balance_sync.stores.postgres.connection import Connection, Part, _first_line, _ident
-from balance_sync.stores.postgres.lock import LOCK_CLASS
 from balance_sync.validation import MAX_INTEGER_DIGITS, redis_value
 
 SCHEMA = "balsync"
@@ -154,62 +154,9 @@ _BOOKKEEPING: list[LiteralString] = [
     """CREATE INDEX IF NOT EXISTS skipped_records_recorded
         ON balsync.skipped_records (recorded_at)""",
     "CREATE INDEX IF NOT EXISTS conflicts_recorded ON balsync.conflicts (recorded_at)",
-    # The id of a target table by its name (schema.name), given one on first use.
-    """CREATE OR REPLACE FUNCTION balsync.target_id(name text) RETURNS integer
-        LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-    DECLARE
-        found integer;
-    BEGIN
-        SELECT id INTO found FROM balsync.targets WHERE target_table = name;
-        IF found IS NULL THEN
-            INSERT INTO balsync.targets (target_table) VALUES (name)
-            ON CONFLICT (target_table) DO NOTHING;
-            SELECT id INTO found FROM balsync.targets WHERE target_table = name;
-        END IF;
-        RETURN found;
-    END $$""",
-    # A row deleted or truncated takes its in-row memory with it: these triggers leave it
-    # in balsync.written first, where the merge finds it for a row inserted again. Security
-    # definer: whoever may delete a balance keeps the memory, without rights on balsync's
-    # schema. The key is the table as the catalog names it now, so a rename keeps it too.
-    """CREATE OR REPLACE FUNCTION balsync.keep_memory() RETURNS trigger
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    DECLARE
-        target integer := balsync.target_id(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
-    BEGIN
-        IF TG_OP = 'DELETE' THEN
-            INSERT INTO balsync.written (target_id, telegram_id, balance, cleared)
-            VALUES (target, OLD.telegram_id, OLD.balsync_written, OLD.balsync_cleared)
-            ON CONFLICT (target_id, telegram_id)
-            DO UPDATE SET balance = EXCLUDED.balance, cleared = EXCLUDED.cleared;
-            RETURN OLD;
-        END IF;
-        EXECUTE format(
-            'INSERT INTO balsync.written (target_id, telegram_id, balance, cleared)
-             SELECT $1, telegram_id, balsync_written, balsync_cleared FROM %I.%I
-             WHERE balsync_written IS NOT NULL
-             ON CONFLICT (target_id, telegram_id)
-             DO UPDATE SET balance = EXCLUDED.balance, cleared = EXCLUDED.cleared',
-            TG_TABLE_SCHEMA, TG_TABLE_NAME)
-        USING target;
-        RETURN NULL;
-    END $$""",
 ]
 # The newest object of balsync's schema: where it is missing, init-db must run again.
 _NEWEST = TableName("targets", "balsync")
-
-# balsync's memory in the rows of init-db's own table: the balance it last wrote (NULL:
-# none) and whether clear-cache removed the key on purpose. One heap tuple and one index
-# per write, where a side table costs a second tuple and a second B-tree.
-WRITTEN_COLUMN = "balsync_written"
-CLEARED_COLUMN = "balsync_cleared"
-_MEMORY_TRIGGERS = ("balsync_keep_memory_deleted", "balsync_keep_memory_truncated")
-# The shape init-db creates; only a table of exactly this shape is given memory columns.
-_OWN_SHAPE = {
-    "telegram_id": "bigint",
-    "balance": "numeric(20,2)",
-    "updated_at": "timestamp with time zone",
-}
 
 
 @dataclass(frozen=True)
@@ -322,6 +269,8 @@ class Schema(Part):
                 for statement in _BOOKKEEPING:
                     conn.execute(statement)
                 _narrow_memory_key(conn)
+                for statement in memory_layout.FUNCTIONS:
+                    conn.execute(statement)
                 if settings.is_default_table and not _relation_exists(conn, settings.table):
                     if settings.table.schema:
                         conn.execute(
@@ -341,8 +290,9 @@ class Schema(Part):
                         ).format(_ident(settings.table))
                     )
                     created.append(f"table {settings.table}")
-                if settings.is_default_table:
-                    created += _memory_in_row(conn, settings.table)
+                if settings.is_default_table and _relation_exists(conn, settings.table):
+                    name = _ident(settings.table).as_string(conn)
+                    created += memory_layout.set_up(conn, settings.table, _catalog_key(conn, name))
             return created
 
         try:
@@ -435,8 +385,7 @@ class Schema(Part):
                 can_insert=bool(unique and unique[0]) and not others_required,
                 balance_type=_balance_type(settings, *kind),
                 has_ctid=bool(resolved[2]),
-                memory_in_row=bool(resolved[2])
-                and _memory_columns_intact(conn, name, key, columns),
+                memory_in_row=bool(resolved[2]) and memory_layout.in_row(conn, name, key, columns),
             )
 
         return self.call(run)
@@ -481,92 +430,6 @@ def _narrow_memory_key(conn: Connection) -> None:
     conn.execute("ALTER TABLE balsync.written ADD PRIMARY KEY (target_id, telegram_id)")
 
 
-def _memory_in_row(conn: Connection, table: TableName) -> list[str]:
-    """Give init-db's table its memory columns and triggers; carry balsync.written over.
-
-    Only a table of exactly the shape init-db creates is touched: anything else is the
-    application's. Idempotent: a table that has them gets its triggers re-created only.
-    """
-    name = _ident(table).as_string(conn)
-    shape: dict[str, str] = dict(
-        conn.execute(
-            """SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-               WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped""",
-            (name,),
-        ).fetchall()
-    )
-    done: list[str] = []
-    ident = _ident(table)
-    key = _catalog_key(conn, name)
-    full = {**_OWN_SHAPE, WRITTEN_COLUMN: "numeric(20,2)", CLEARED_COLUMN: "boolean"}
-    # Exactly init-db's shape, perhaps with one memory column (the other dropped).
-    if _OWN_SHAPE.items() <= shape.items() <= full.items() and shape != full:
-        # A sync writing meanwhile would keep remembering on the side, behind the rows.
-        locked = conn.execute(
-            "SELECT pg_try_advisory_xact_lock(%s, to_regclass(%s)::oid::int4)", (LOCK_CLASS, name)
-        ).fetchone()
-        if not (locked and locked[0]):
-            raise BalsyncError(
-                f"a balsync run is writing {table}: init-db would move its memory under it",
-                "run `balsync init-db` again once that run has finished",
-            )
-        conn.execute(
-            sql.SQL(
-                """ALTER TABLE {} ADD COLUMN IF NOT EXISTS balsync_written numeric(20,2),
-                   ADD COLUMN IF NOT EXISTS balsync_cleared boolean NOT NULL DEFAULT false"""
-            ).format(ident)
-        )
-        conn.execute(
-            sql.SQL(
-                """UPDATE {} t SET balsync_written = w.balance, balsync_cleared = w.cleared
-                   FROM balsync.written w
-                   WHERE w.target_id = %s AND w.telegram_id = t.telegram_id"""
-            ).format(ident),
-            (target_id(conn, key),),
-        )
-        conn.execute(
-            sql.SQL(
-                """DELETE FROM balsync.written w USING {} t
-                   WHERE w.target_id = %s AND w.telegram_id = t.telegram_id"""
-            ).format(ident),
-            (target_id(conn, key),),
-        )
-        done.append(f"memory columns of table {table}")
-    elif shape != full:
-        return done
-    # Dropped and created again rather than CREATE OR REPLACE: PostgreSQL 13 has no such.
-    # The row trigger's WHEN names both columns, so dropping either fails unless CASCADE.
-    deleted, truncated = (sql.Identifier(t) for t in _MEMORY_TRIGGERS)
-    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(deleted, ident))
-    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(truncated, ident))
-    conn.execute(
-        sql.SQL(
-            """CREATE TRIGGER {} AFTER DELETE ON {} FOR EACH ROW
-               WHEN (OLD.balsync_written IS NOT NULL AND OLD.balsync_cleared IS NOT NULL)
-               EXECUTE FUNCTION balsync.keep_memory()"""
-        ).format(deleted, ident)
-    )
-    conn.execute(
-        sql.SQL(
-            """CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT
-               EXECUTE FUNCTION balsync.keep_memory()"""
-        ).format(truncated, ident)
-    )
-    conn.execute(
-        """INSERT INTO balsync.targets (target_table, memory_in_row) VALUES (%s, true)
-           ON CONFLICT (target_table) DO UPDATE SET memory_in_row = true""",
-        (key,),
-    )
-    return done
-
-
-def target_id(conn: Connection, key: str) -> int:
-    """The id balsync.written knows the table `key` (schema.name) by; given on first use."""
-    row = conn.execute("SELECT balsync.target_id(%s)", (key,)).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def _catalog_key(conn: Connection, name: str) -> str:
     """`Database.key` inside this transaction: schema.name as the catalog spells it."""
     row = conn.execute(
@@ -576,46 +439,6 @@ def _catalog_key(conn: Connection, name: str) -> str:
     ).fetchone()
     assert row is not None
     return str(row[0])
-
-
-def _memory_columns_intact(conn: Connection, name: str, key: str, columns: dict[str, bool]) -> bool:
-    """Whether the target keeps balsync's memory in its rows; refuses a table whose memory
-    columns or triggers are gone (the memory of every row with them)."""
-    in_row = WRITTEN_COLUMN in columns and CLEARED_COLUMN in columns
-    recorded = conn.execute(
-        """SELECT to_regclass('balsync.targets') IS NOT NULL""",
-    ).fetchone()
-    expected = False
-    if recorded and recorded[0]:
-        row = conn.execute(
-            "SELECT memory_in_row FROM balsync.targets WHERE target_table = %s", (key,)
-        ).fetchone()
-        expected = bool(row and row[0])
-    if expected and not in_row:
-        raise SchemaMissing(
-            f"table {key} lost balsync's memory columns ({WRITTEN_COLUMN}, {CLEARED_COLUMN}):"
-            " without them balsync cannot tell an outside change from its own",
-            "put them back with `balsync init-db`; rows then count as never written by"
-            " balsync, so check for corrections made since the columns went",
-        )
-    if in_row:
-        triggers = conn.execute(
-            """SELECT count(*) FROM pg_trigger
-               WHERE tgrelid = to_regclass(%s) AND tgname = ANY(%s) AND tgenabled <> 'D'""",
-            (name, list(_MEMORY_TRIGGERS)),
-        ).fetchone()
-        intact = bool(triggers and triggers[0] == len(_MEMORY_TRIGGERS))
-        if not intact and not expected:
-            # A copy of init-db's table (CREATE TABLE ... LIKE), not set up by init-db: an
-            # application's table, with its memory beside it like any other.
-            return False
-        if not intact:
-            raise SchemaMissing(
-                f"table {key} keeps balsync's memory in its rows, but its triggers that keep"
-                " the memory of deleted rows are missing or disabled",
-                "run `balsync init-db` to create them again",
-            )
-    return in_row
 
 
 def _relation_exists(conn: Connection, table: TableName) -> bool:
