@@ -271,7 +271,8 @@ class Scratch:
 
     def reset_balsync(self) -> None:
         """balsync as just installed: no table, no memory of earlier runs, then `init-db`."""
-        self.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(BALSYNC_TABLE)))
+        # CASCADE: balsync's view over the table holds on to it (and goes with the schema next)
+        self.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(ident(BALSYNC_TABLE)))
         self.execute("DROP SCHEMA IF EXISTS balsync CASCADE")
         self.init_db()
 

@@ -74,7 +74,9 @@ def test_bench_measures_every_scenario_and_leaves_nothing_behind(servers, tmp_pa
     assert incremental.full.median > 0
     assert "- incremental: 100 changed among 2 000 keys: " in text
     assert "; full sync of 100 keys: " in text
-    assert "target ≤ 2×" in text
+    assert "target ≤ 1.46×" in text
+    assert "### Targets" in text
+    assert "peak RSS at 5N: " in text
     assert "- incremental sync, 100 changed among 2 000 keys: " in text
     assert "### Anomalies" not in text
     written = results_file.read_text()
