@@ -54,7 +54,7 @@ def as_before_this_version(pg: PG) -> None:
     pg.execute("DROP TRIGGER IF EXISTS balsync_keep_memory_truncated ON user_balances")
     pg.execute("DROP TABLE balsync.targets")
     pg.execute("DROP FUNCTION balsync.keep_memory()")
-    pg.execute("DROP FUNCTION balsync.target_id(text)")
+    pg.execute("DROP FUNCTION balsync.target_id(text, oid)")
     pg.execute("DROP TABLE balsync.written")
     pg.execute(
         """CREATE TABLE balsync.written (
@@ -472,3 +472,62 @@ def test_init_db_migrating_while_a_sync_waits_for_its_lock(
     assert ran == [0]
     assert balances(pg)[1] == "15.00", (code, data)
     assert code == 1
+
+
+def test_a_partitioned_table_keeps_its_memory_aside(balsync, rds, key_prefix, pg):
+    """A partitioned user_balances: partition triggers would name the partition, and a
+    partition's TRUNCATE fires no trigger of the parent; balsync keeps its memory aside, as
+    for an application table, and a corrected row is still a conflict."""
+    pg.execute(
+        """CREATE TABLE user_balances (
+               telegram_id bigint PRIMARY KEY CHECK (telegram_id > 0),
+               balance numeric(20,2) NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())
+           PARTITION BY HASH (telegram_id)"""
+    )
+    for r in range(2):
+        pg.execute(
+            f"""CREATE TABLE user_balances_p{r} PARTITION OF user_balances
+                FOR VALUES WITH (MODULUS 2, REMAINDER {r})"""
+        )
+    assert json.loads(balsync.ok("init-db", "--json").stdout)["created"] == ["balsync schema"]
+    for i, value in {1: "10.00", 2: "20.00"}.items():
+        rds.set(f"{key_prefix}{i}", value)
+    assert sync_json(balsync)[0] == 0
+    assert aside(pg) == {1: "10.00", 2: "20.00"}
+    part = pg.execute("SELECT tableoid::regclass::text FROM user_balances WHERE telegram_id = 1")
+    pg.execute(f"TRUNCATE {part.fetchone()[0]}")
+    pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 15)")
+    rds.set(f"{key_prefix}1", "11.00")
+    kept(balsync, pg, "15.00")
+
+
+def test_a_table_rebuilt_by_renaming_the_old_one_away_keeps_its_memory(synced, rds, key_prefix, pg):
+    """The old table renamed away, init-db creates a new one, the rows are copied back
+    (their memory columns reset on the way in): the old table's memory is set aside for
+    the new one, so a correction made before the rebuild is still a conflict."""
+    pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    kept(synced, pg, "15.00")
+    pg.execute("ALTER TABLE user_balances RENAME TO user_balances_old")
+    synced.ok("init-db")
+    pg.execute("INSERT INTO user_balances SELECT * FROM user_balances_old")
+    assert aside(pg) == {1: "10.00", 2: "20.00", 3: "30.00"}
+    kept(synced, pg, "15.00")
+    assert aside(pg, "public.user_balances_old") == {}  # its memory stays in its rows
+
+
+def test_a_table_moved_to_another_schema_keeps_the_memory_it_had_aside(synced, rds, key_prefix, pg):
+    """Memory set aside under the old name (a row deleted and inserted again) follows the
+    table to its new schema: known by its oid, not its name."""
+    pg.execute("DELETE FROM user_balances WHERE telegram_id = 1")
+    pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 15)")
+    pg.execute("CREATE SCHEMA ledger")
+    pg.execute("ALTER TABLE user_balances SET SCHEMA ledger")
+    ledger = Balsync({**synced.env, "BALSYNC_TABLE": "ledger.user_balances"})
+    rds.set(f"{key_prefix}1", "11.00")
+    code, data = sync_json(ledger, "--accept-redis-restart")  # a new name: not trusted yet
+    assert balances(pg, "ledger.user_balances")[1] == "15.00", (code, data)
+    assert code == 1
+    ledger.ok("init-db")
+    assert aside(pg, "ledger.user_balances") == {1: "10.00"}
+    kept(ledger, pg, "15.00", "ledger.user_balances")

@@ -399,3 +399,17 @@ def test_cleared_keys_then_a_correction_then_a_restart(own, pg):
     own.set({1: "5.00"})
     code, _ = own.sync()
     assert (code, balances(pg)[1]) == (1, "1600.00")
+
+
+def test_a_table_rebuilt_by_renaming_the_old_one_away_is_guarded_after_a_restart(own, pg):
+    """Rename the old table away, init-db, copy the rows back, then Redis restarts empty:
+    the memory set aside from the old table counts, so the rebuilt 5.00 is held."""
+    pg.execute("ALTER TABLE user_balances RENAME TO user_balances_old")
+    own.tool.ok("init-db")
+    pg.execute("INSERT INTO user_balances SELECT * FROM user_balances_old")
+    own.restart_empty()
+    own.sync()
+    own.set({1: "5.00"})
+    code, data = own.sync()
+    assert balances(pg) == PERSISTED, (code, data)
+    assert code == 1

@@ -18,10 +18,10 @@ from balance_sync.stores.postgres.trust import Trust
 # The ids of a table and of the tables synced from the same Redis keys (a view over it,
 # its name before a rename): whose memory speaks for its rows.
 _KNOWN_AS: LiteralString = """SELECT t.id FROM balsync.targets t
-    WHERE t.target_table = %s
+    WHERE t.target_table = %s OR t.relid = to_regclass(%s)
        OR t.target_table IN (SELECT target_table FROM balsync.sync_runs WHERE key_prefix = %s)"""
 _KNOWN_AS_NAMED: LiteralString = """SELECT t.id FROM balsync.targets t
-    WHERE t.target_table = %(table)s
+    WHERE t.target_table = %(table)s OR t.relid = to_regclass(%(relation)s)
        OR t.target_table IN (SELECT target_table FROM balsync.sync_runs
                              WHERE key_prefix = %(prefix)s)"""
 
@@ -69,7 +69,7 @@ class Memory(Part):
                                   WHERE w.target_id IN ("""
                 + _KNOWN_AS
                 + """))""",
-                (key, key_prefix),
+                (key, _ident(table).as_string(conn), key_prefix),
             ).fetchone()
             if row and row[0]:
                 return True
@@ -113,7 +113,12 @@ class Memory(Part):
                                  WHERE s.run_id = %(run)s AND s.telegram_id = m.telegram_id)
                  AND EXISTS (SELECT 1 FROM {table} t WHERE t.{id} = m.telegram_id)"""
         )
-        params = {"table": self.key(target.table), "prefix": key_prefix, "run": run_id}
+        params = {
+            "table": self.key(target.table),
+            "relation": target.ident.as_string(),
+            "prefix": key_prefix,
+            "run": run_id,
+        }
 
         def run(conn: Connection) -> int:
             parts = [aside] + [
@@ -135,6 +140,7 @@ class Memory(Part):
         key = self.key(target.table)
 
         def run(conn: Connection) -> None:
+            relation = target.ident.as_string(conn) if target.memory_in_row else None
             with conn.transaction():
                 if target.memory_in_row:
                     conn.execute(WRITING)
@@ -147,9 +153,11 @@ class Memory(Part):
                     )
                 conn.execute(
                     """UPDATE balsync.written SET cleared = true
-                       WHERE target_id = (SELECT id FROM balsync.targets WHERE target_table = %s)
+                       WHERE target_id = (SELECT id FROM balsync.targets
+                                          WHERE target_table = %s OR relid = to_regclass(%s)
+                                          ORDER BY relid = to_regclass(%s) LIMIT 1)
                          AND telegram_id = ANY(%s)""",
-                    (key, list(ids)),
+                    (key, relation, relation, list(ids)),
                 )
 
         self.call(run)

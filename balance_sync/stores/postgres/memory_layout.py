@@ -67,12 +67,19 @@ TRIGGER_NAMES = [name for name, _, _ in _TRIGGERS]
 # a balance keeps its memory, without rights on balsync's schema. The key is the table as
 # the catalog names it at that moment, so a renamed table keeps its memory too.
 FUNCTIONS: list[LiteralString] = [
-    # The id balsync.written knows a table (schema.name) by, given on first use.
-    """CREATE OR REPLACE FUNCTION balsync.target_id(name text) RETURNS integer
+    # The id balsync.written knows a table by: by its oid where it keeps memory in its rows
+    # (whatever it is called now), else by its name (schema.name); given on first use.
+    """CREATE OR REPLACE FUNCTION balsync.target_id(name text, rel oid) RETURNS integer
         LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
     DECLARE
         found integer;
     BEGIN
+        IF rel IS NOT NULL THEN
+            SELECT id INTO found FROM balsync.targets WHERE relid = rel;
+            IF found IS NOT NULL THEN
+                RETURN found;
+            END IF;
+        END IF;
         SELECT id INTO found FROM balsync.targets WHERE target_table = name;
         IF found IS NULL THEN
             INSERT INTO balsync.targets (target_table) VALUES (name)
@@ -84,7 +91,7 @@ FUNCTIONS: list[LiteralString] = [
     """CREATE OR REPLACE FUNCTION balsync.keep_memory() RETURNS trigger
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     DECLARE
-        target integer := balsync.target_id(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+        target integer := balsync.target_id(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_RELID);
     BEGIN
         IF TG_OP = 'INSERT' THEN
             -- Memory comes from balsync only: a row restored or copied brings none.
@@ -126,9 +133,12 @@ FUNCTIONS: list[LiteralString] = [
 ]
 
 
-def target_id(conn: Connection, key: str) -> int:
-    """The id balsync.written knows the table `key` (schema.name) by; given on first use."""
-    row = conn.execute("SELECT balsync.target_id(%s)", (key,)).fetchone()
+def target_id(conn: Connection, key: str, relation: str | None = None) -> int:
+    """The id balsync.written knows the table `key` (schema.name) by; given on first use.
+    `relation` (its quoted name), for a table that keeps its memory in its rows."""
+    row = conn.execute(
+        "SELECT balsync.target_id(%s, to_regclass(%s)::oid)", (key, relation)
+    ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -149,11 +159,13 @@ def set_up(conn: Connection, table: TableName, key: str) -> list[str]:
             (name,),
         ).fetchall()
     )
-    if not _OWN_SHAPE.items() <= shape.items() <= _FULL_SHAPE.items():
-        return []
+    kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (name,))
+    if kind.fetchone() != ("r",) or not _OWN_SHAPE.items() <= shape.items() <= _FULL_SHAPE.items():
+        return []  # a partitioned table's partitions would set memory aside under their names
     done: list[str] = []
+    memory = _claim(conn, key, name)
     if shape != _FULL_SHAPE or not _intact(conn, name):
-        _adopt(conn, table, key, add_columns=shape != _FULL_SHAPE)
+        _adopt(conn, table, memory, add_columns=shape != _FULL_SHAPE)
         if shape != _FULL_SHAPE:
             done.append(f"memory columns of table {table}")
     ident = _ident(table)
@@ -177,15 +189,86 @@ def set_up(conn: Connection, table: TableName, key: str) -> list[str]:
                SELECT telegram_id, balsync_written, balsync_cleared FROM {}"""
         ).format(_view(key), ident)
     )
-    conn.execute(
-        """INSERT INTO balsync.targets (target_table, memory_in_row) VALUES (%s, true)
-           ON CONFLICT (target_table) DO UPDATE SET memory_in_row = true""",
-        (key,),
-    )
+    conn.execute("UPDATE balsync.targets SET memory_in_row = true WHERE id = %s", (memory,))
     return done
 
 
-def _adopt(conn: Connection, table: TableName, key: str, *, add_columns: bool) -> None:
+def _claim(conn: Connection, key: str, name: str) -> int:
+    """The id of this table in balsync.targets, known by its oid, under its name of today.
+
+    The table that had this name before may have been renamed away (a rebuild: rename the
+    old table, init-db, copy the rows back): it keeps its id under its own name, and what it
+    remembers, in its rows and aside, is set aside for this table, whose rows then find it.
+    """
+    found = conn.execute("SELECT to_regclass(%s)::oid", (name,)).fetchone()
+    assert found is not None
+    oid = int(found[0])
+    mine = conn.execute(
+        "SELECT id, target_table FROM balsync.targets WHERE relid = %s", (oid,)
+    ).fetchone()
+    if mine is not None:
+        if mine[1] != key:  # renamed or moved to another schema: its name follows
+            _rename(conn, int(mine[0]), key)
+        return int(mine[0])
+    named = conn.execute(
+        """SELECT t.id, n.nspname, c.relname FROM balsync.targets t
+           LEFT JOIN pg_class c ON c.oid = t.relid AND c.relkind = 'r'
+           LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE t.target_table = %s""",
+        (key,),
+    ).fetchone()
+    if named is not None and named[1] is None:  # known by name only: this table takes it
+        conn.execute("UPDATE balsync.targets SET relid = %s WHERE id = %s", (oid, named[0]))
+        return int(named[0])
+    if named is not None:
+        # Another table had this name, and memory: it keeps both under its name of today.
+        _rename(conn, int(named[0]), f"{named[1]}.{named[2]}")
+    created = conn.execute(
+        "INSERT INTO balsync.targets (target_table, relid) VALUES (%s, %s) RETURNING id",
+        (key, oid),
+    ).fetchone()
+    assert created is not None
+    if named is not None:
+        _inherit(conn, int(named[0]), int(created[0]), sql.Identifier(named[1], named[2]))
+    return int(created[0])
+
+
+def _rename(conn: Connection, memory: int, key: str) -> None:
+    """Record a target under its name of today, unless another target has that name."""
+    conn.execute(
+        """UPDATE balsync.targets SET target_table = %s WHERE id = %s
+           AND NOT EXISTS (SELECT 1 FROM balsync.targets WHERE target_table = %s)""",
+        (key, memory, key),
+    )
+
+
+def _inherit(conn: Connection, old: int, new: int, table: sql.Identifier) -> None:
+    """Set aside for target `new` what target `old` remembers: in its rows, and aside."""
+    has_columns = conn.execute(
+        """SELECT count(*) = 2 FROM pg_attribute
+           WHERE attrelid = to_regclass(%s) AND attname = ANY(%s) AND NOT attisdropped""",
+        (table.as_string(conn), [WRITTEN_COLUMN, CLEARED_COLUMN]),
+    ).fetchone()
+    if has_columns and has_columns[0]:
+        conn.execute(
+            sql.SQL(
+                """INSERT INTO balsync.written (target_id, telegram_id, balance, cleared)
+                   SELECT %s, telegram_id, balsync_written, balsync_cleared FROM {}
+                   WHERE balsync_written IS NOT NULL
+                   ON CONFLICT (target_id, telegram_id)
+                   DO UPDATE SET balance = EXCLUDED.balance, cleared = EXCLUDED.cleared"""
+            ).format(table),
+            (new,),
+        )
+    conn.execute(
+        """INSERT INTO balsync.written (target_id, telegram_id, balance, cleared)
+           SELECT %s, telegram_id, balance, cleared FROM balsync.written WHERE target_id = %s
+           ON CONFLICT (target_id, telegram_id) DO NOTHING""",
+        (new, old),
+    )
+
+
+def _adopt(conn: Connection, table: TableName, memory: int, *, add_columns: bool) -> None:
     """Move what balsync.written remembers for the table's ids into its rows."""
     name = _ident(table).as_string(conn)
     # A sync writing meanwhile would go on remembering aside, behind the rows.
@@ -205,7 +288,6 @@ def _adopt(conn: Connection, table: TableName, key: str, *, add_columns: bool) -
                    ADD COLUMN IF NOT EXISTS balsync_cleared boolean NOT NULL DEFAULT false"""
             ).format(ident)
         )
-    memory = target_id(conn, key)
     conn.execute(WRITING)
     # What balsync.written holds wins over values a copied row brought along.
     conn.execute(

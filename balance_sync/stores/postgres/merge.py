@@ -310,8 +310,14 @@ def _insert_first_remembered_aside(
                SELECT %s, id, balance FROM ins """
             + _REMEMBER
         ).format(columns=columns, values=values, **_names(target)),
-        (target_id(conn, str(target.table)),),
+        (_memory_id(conn, target),),
     ).rowcount
+
+
+def _memory_id(conn: Connection, target: TargetTable) -> int:
+    """The id balsync.written knows the target by (by its oid, where memory is in its rows)."""
+    relation = target.ident.as_string(conn) if target.memory_in_row else None
+    return target_id(conn, str(target.table), relation)
 
 
 def _names(target: TargetTable) -> dict[str, sql.Composable]:
@@ -340,7 +346,7 @@ def _merge(
     (an adopted table, a value someone else wrote), with what balsync last wrote for
     them. Everything after that touches only the delta.
     """
-    key = target_id(conn, str(target.table))
+    key = _memory_id(conn, target)
     delta = (_classify_in_row if target.memory_in_row else _classify)(conn, target, key)
     if delta == 0:
         return BatchCounts(0, 0, [])
@@ -577,7 +583,7 @@ def _remember(
         """INSERT INTO balsync.written (target_id, telegram_id, balance)
            SELECT %s, i, b FROM unnest(%s::bigint[], %s::numeric[]) AS u(i, b) """
         + _REMEMBER,
-        (target_id(conn, str(target.table)), ids, balances),
+        (_memory_id(conn, target), ids, balances),
     )
 
 

@@ -72,10 +72,13 @@ _BOOKKEEPING: list[LiteralString] = [
     # Each table balsync synced, by a small id (balsync.written's key) and by name; and
     # whether init-db put its memory into the rows themselves: where those columns or their
     # triggers are gone, balsync refuses rather than forget what it wrote.
+    # A table that keeps its memory in its rows is known by its oid too (`relid`), so a
+    # rename or a move to another schema keeps what balsync.written holds for it.
     """CREATE TABLE IF NOT EXISTS balsync.targets (
         id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         target_table text NOT NULL UNIQUE,
-        memory_in_row boolean NOT NULL DEFAULT false
+        memory_in_row boolean NOT NULL DEFAULT false,
+        relid oid UNIQUE
     )""",
     # The last balance balsync wrote for each id: a row that differs from it was changed
     # behind balsync's back (an admin correction, the application's fallback path). Keyed
@@ -338,7 +341,8 @@ class Schema(Part):
                     "run `balsync init-db` for the default table, or check --table",
                 )
             resolved = conn.execute(
-                """SELECT n.nspname, c.relname, c.relkind IN ('r', 'p') FROM pg_class c
+                """SELECT n.nspname, c.relname, c.relkind IN ('r', 'p'), c.relkind = 'r'
+                   FROM pg_class c
                    JOIN pg_namespace n ON n.oid = c.relnamespace
                    WHERE c.oid = to_regclass(%s)""",
                 (name,),
@@ -385,7 +389,8 @@ class Schema(Part):
                 can_insert=bool(unique and unique[0]) and not others_required,
                 balance_type=_balance_type(settings, *kind),
                 has_ctid=bool(resolved[2]),
-                memory_in_row=bool(resolved[2]) and memory_layout.in_row(conn, name, key, columns),
+                # Not a partitioned table: its partitions' triggers name the partition.
+                memory_in_row=bool(resolved[3]) and memory_layout.in_row(conn, name, key, columns),
             )
 
         return self.call(run)
