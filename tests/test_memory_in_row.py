@@ -508,9 +508,7 @@ def test_a_table_rebuilt_by_renaming_the_old_one_away_keeps_its_memory(synced, r
     pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
     rds.set(f"{key_prefix}1", "11.00")
     kept(synced, pg, "15.00")
-    pg.execute("ALTER TABLE user_balances RENAME TO user_balances_old")
-    synced.ok("init-db")
-    pg.execute("INSERT INTO user_balances SELECT * FROM user_balances_old")
+    rebuild_by_rename(synced, pg)
     assert aside(pg) == {1: "10.00", 2: "20.00", 3: "30.00"}
     kept(synced, pg, "15.00")
     assert aside(pg, "public.user_balances_old") == {}  # its memory stays in its rows
@@ -531,3 +529,47 @@ def test_a_table_moved_to_another_schema_keeps_the_memory_it_had_aside(synced, r
     ledger.ok("init-db")
     assert aside(pg, "ledger.user_balances") == {1: "10.00"}
     kept(ledger, pg, "15.00", "ledger.user_balances")
+
+
+def rebuild_by_rename(tool: Balsync, pg: PG) -> None:
+    """A DBA's rebuild: the old table renamed away, init-db, every row copied back."""
+    pg.execute("ALTER TABLE user_balances RENAME TO user_balances_old")
+    tool.ok("init-db")
+    pg.execute("INSERT INTO user_balances SELECT * FROM user_balances_old")
+
+
+def test_a_rebuild_after_a_rolled_back_rebuild_inherits_the_right_tables_memory(
+    synced, rds, key_prefix, pg
+):
+    """A rebuild, rolled back by renames (the new table aside, the old one back), then a
+    second rebuild: the table renamed away the second time is the one whose memory the new
+    table gets, so a correction made in between is still a conflict."""
+    rebuild_by_rename(synced, pg)
+    pg.execute("ALTER TABLE user_balances RENAME TO user_balances_failed")
+    pg.execute("ALTER TABLE user_balances_old RENAME TO user_balances")
+    synced.ok("init-db")
+    rds.set(f"{key_prefix}4", "40.00")
+    assert sync_json(synced)[0] == 0
+    assert memory(pg)[4] == "40.00"
+    pg.execute("UPDATE user_balances SET balance = 45 WHERE telegram_id = 4")
+    rds.set(f"{key_prefix}4", "41.00")
+    code, _ = sync_json(synced)
+    assert (code, balances(pg)[4]) == (1, "45.00")
+    rebuild_by_rename(synced, pg)
+    code, data = sync_json(synced)
+    assert balances(pg)[4] == "45.00", (code, data)
+    assert code == 1
+
+
+def test_a_second_rebuild_after_the_first_old_table_was_dropped(synced, rds, key_prefix, pg):
+    """The old table of a first rebuild keeps its own view (DROP needs CASCADE); dropped so,
+    a second rebuild still works and keeps a correction made in between."""
+    rebuild_by_rename(synced, pg)
+    with pytest.raises(psycopg.errors.DependentObjectsStillExist):
+        pg.execute("DROP TABLE user_balances_old")
+    pg.execute("DROP TABLE user_balances_old CASCADE")
+    pg.execute("UPDATE user_balances SET balance = 15 WHERE telegram_id = 1")
+    rds.set(f"{key_prefix}1", "11.00")
+    kept(synced, pg, "15.00")
+    rebuild_by_rename(synced, pg)
+    kept(synced, pg, "15.00")

@@ -88,7 +88,7 @@ def generate_year(pg: Conn, *, restart_days_ago: int | None = 200, every: int = 
     )
     pg.execute(
         """INSERT INTO balsync.written (target_id, telegram_id, balance)
-           SELECT balsync.target_id(%s), i, i FROM generate_series(1, 1000) AS i""",
+           SELECT balsync.target_id(%s, NULL), i, i FROM generate_series(1, 1000) AS i""",
         (KEY,),
     )
     if restart_days_ago is not None:

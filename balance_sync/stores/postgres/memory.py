@@ -10,7 +10,12 @@ from psycopg import sql
 
 from balance_sync.settings import TableName
 from balance_sync.stores.postgres.connection import Connection, Part, _ident
-from balance_sync.stores.postgres.memory_layout import CLEARED_COLUMN, WRITING, WRITTEN_COLUMN
+from balance_sync.stores.postgres.memory_layout import (
+    CLEARED_COLUMN,
+    WRITING,
+    WRITTEN_COLUMN,
+    target_id,
+)
 from balance_sync.stores.postgres.merge import _read_up_to, _remember
 from balance_sync.stores.postgres.schema import TargetTable
 from balance_sync.stores.postgres.trust import Trust
@@ -153,11 +158,8 @@ class Memory(Part):
                     )
                 conn.execute(
                     """UPDATE balsync.written SET cleared = true
-                       WHERE target_id = (SELECT id FROM balsync.targets
-                                          WHERE target_table = %s OR relid = to_regclass(%s)
-                                          ORDER BY relid = to_regclass(%s) LIMIT 1)
-                         AND telegram_id = ANY(%s)""",
-                    (key, relation, relation, list(ids)),
+                       WHERE target_id = %s AND telegram_id = ANY(%s)""",
+                    (target_id(conn, key, relation), list(ids)),
                 )
 
         self.call(run)

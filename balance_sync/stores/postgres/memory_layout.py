@@ -187,69 +187,88 @@ def set_up(conn: Connection, table: TableName, key: str) -> list[str]:
         sql.SQL(
             """CREATE OR REPLACE VIEW {} AS
                SELECT telegram_id, balsync_written, balsync_cleared FROM {}"""
-        ).format(_view(key), ident)
+        ).format(_view(memory), ident)
     )
     conn.execute("UPDATE balsync.targets SET memory_in_row = true WHERE id = %s", (memory,))
     return done
 
 
 def _claim(conn: Connection, key: str, name: str) -> int:
-    """The id of this table in balsync.targets, known by its oid, under its name of today.
+    """The id of this table in balsync.targets, known by its oid.
 
-    The table that had this name before may have been renamed away (a rebuild: rename the
-    old table, init-db, copy the rows back): it keeps its id under its own name, and what it
-    remembers, in its rows and aside, is set aside for this table, whose rows then find it.
+    The table that had this name when balsync last looked may have been renamed away (a
+    rebuild: rename the old table, init-db, copy the rows back): what it remembers, in its
+    rows and aside, is set aside for this one, whose rows then find it.
     """
     found = conn.execute("SELECT to_regclass(%s)::oid", (name,)).fetchone()
     assert found is not None
     oid = int(found[0])
-    mine = conn.execute(
-        "SELECT id, target_table FROM balsync.targets WHERE relid = %s", (oid,)
-    ).fetchone()
-    if mine is not None:
-        if mine[1] != key:  # renamed or moved to another schema: its name follows
-            _rename(conn, int(mine[0]), key)
-        return int(mine[0])
-    named = conn.execute(
-        """SELECT t.id, n.nspname, c.relname FROM balsync.targets t
-           LEFT JOIN pg_class c ON c.oid = t.relid AND c.relkind = 'r'
-           LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE t.target_table = %s""",
-        (key,),
-    ).fetchone()
-    if named is not None and named[1] is None:  # known by name only: this table takes it
-        conn.execute("UPDATE balsync.targets SET relid = %s WHERE id = %s", (oid, named[0]))
-        return int(named[0])
-    if named is not None:
-        # Another table had this name, and memory: it keeps both under its name of today.
-        _rename(conn, int(named[0]), f"{named[1]}.{named[2]}")
-    created = conn.execute(
-        "INSERT INTO balsync.targets (target_table, relid) VALUES (%s, %s) RETURNING id",
+    before = conn.execute(
+        """SELECT id FROM balsync.targets
+           WHERE target_table = %s AND relid IS NOT NULL AND relid <> %s""",
         (key, oid),
     ).fetchone()
-    assert created is not None
-    if named is not None:
-        _inherit(conn, int(named[0]), int(created[0]), sql.Identifier(named[1], named[2]))
-    return int(created[0])
+    _follow_names(conn)
+    mine = conn.execute("SELECT id FROM balsync.targets WHERE relid = %s", (oid,)).fetchone()
+    if mine is not None:
+        return int(mine[0])
+    named = conn.execute(
+        "SELECT id FROM balsync.targets WHERE target_table = %s AND relid IS NULL", (key,)
+    ).fetchone()
+    if named is not None:  # known by name only (an earlier version's, or memory aside)
+        conn.execute("UPDATE balsync.targets SET relid = %s WHERE id = %s", (oid, named[0]))
+        memory = int(named[0])
+    else:
+        created = conn.execute(
+            "INSERT INTO balsync.targets (target_table, relid) VALUES (%s, %s) RETURNING id",
+            (key, oid),
+        ).fetchone()
+        assert created is not None
+        memory = int(created[0])
+    if before is not None:
+        _inherit(conn, int(before[0]), memory)
+    return memory
 
 
-def _rename(conn: Connection, memory: int, key: str) -> None:
-    """Record a target under its name of today, unless another target has that name."""
+def _follow_names(conn: Connection) -> None:
+    """Record every table known by its oid under its name of today (renames, moves to
+    another schema, swaps); a table that is gone keeps a name no table can have, and no oid
+    (one may be given to another relation later)."""
+    # In two steps, through names of their own, so names can swap between targets.
     conn.execute(
-        """UPDATE balsync.targets SET target_table = %s WHERE id = %s
-           AND NOT EXISTS (SELECT 1 FROM balsync.targets WHERE target_table = %s)""",
-        (key, memory, key),
+        """UPDATE balsync.targets t SET target_table = '#' || t.id || ' ' || t.target_table
+           WHERE t.relid IS NOT NULL AND t.target_table IS DISTINCT FROM (
+               SELECT n.nspname || '.' || c.relname FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE c.oid = t.relid AND c.relkind = 'r')"""
+    )
+    conn.execute(
+        """UPDATE balsync.targets t SET target_table = n.nspname || '.' || c.relname
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE c.oid = t.relid AND c.relkind = 'r' AND t.target_table LIKE '#%'
+             AND NOT EXISTS (SELECT 1 FROM balsync.targets o
+                             WHERE o.target_table = n.nspname || '.' || c.relname)"""
+    )
+    conn.execute(
+        """UPDATE balsync.targets t SET relid = NULL
+           WHERE t.relid IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.relid AND c.relkind = 'r')"""
     )
 
 
-def _inherit(conn: Connection, old: int, new: int, table: sql.Identifier) -> None:
-    """Set aside for target `new` what target `old` remembers: in its rows, and aside."""
-    has_columns = conn.execute(
-        """SELECT count(*) = 2 FROM pg_attribute
-           WHERE attrelid = to_regclass(%s) AND attname = ANY(%s) AND NOT attisdropped""",
-        (table.as_string(conn), [WRITTEN_COLUMN, CLEARED_COLUMN]),
+def _inherit(conn: Connection, old: int, new: int) -> None:
+    """Set aside for target `new` what target `old` remembers: in its rows (where its table
+    still exists, with its memory columns), and aside."""
+    row = conn.execute(
+        """SELECT n.nspname, c.relname FROM balsync.targets t
+           JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE t.id = %s
+             AND (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = c.oid
+                  AND a.attname = ANY(%s) AND NOT a.attisdropped) = 2""",
+        (old, [WRITTEN_COLUMN, CLEARED_COLUMN]),
     ).fetchone()
-    if has_columns and has_columns[0]:
+    if row is not None:
+        table = sql.Identifier(str(row[0]), str(row[1]))
         conn.execute(
             sql.SQL(
                 """INSERT INTO balsync.written (target_id, telegram_id, balance, cleared)
@@ -306,9 +325,10 @@ def _adopt(conn: Connection, table: TableName, memory: int, *, add_columns: bool
     )
 
 
-def _view(key: str) -> sql.Identifier:
-    """The view in balsync's schema that holds on to the table and its memory columns."""
-    return sql.Identifier("balsync", f"memory of {key}"[:63])
+def _view(memory: int) -> sql.Identifier:
+    """The view in balsync's schema that holds on to the table and its memory columns: one
+    per table, so a table renamed away keeps its own."""
+    return sql.Identifier("balsync", f"memory of target {memory}")
 
 
 def _intact(conn: Connection, name: str) -> bool:
@@ -337,7 +357,9 @@ def in_row(conn: Connection, name: str, key: str, columns: dict[str, bool]) -> b
     expected = False
     if schema and schema[0]:
         row = conn.execute(
-            "SELECT memory_in_row FROM balsync.targets WHERE target_table = %s", (key,)
+            """SELECT bool_or(memory_in_row) FROM balsync.targets
+               WHERE target_table = %s OR relid = to_regclass(%s)""",
+            (key, name),
         ).fetchone()
         expected = bool(row and row[0])
     if expected and not has_columns:
