@@ -45,6 +45,14 @@ class Restartable:
         self.server.stop()
         self.server.start()
 
+    def rebuilt_after_an_empty_restart(self) -> tuple[int, dict[str, object]]:
+        """Redis restarts empty, a full sync finds nothing, the application rebuilds id 1
+        from zero (5.00); then the sync that must not write it."""
+        self.restart_empty()
+        self.sync()
+        self.set({1: "5.00"})
+        return self.sync()
+
     def sync(self, *args: str) -> tuple[int, dict[str, object]]:
         result = self.tool("sync", "--json", "--force", *args)
         assert result.stdout, result.stderr
@@ -382,10 +390,7 @@ def test_a_row_replaced_before_a_restart_is_still_guarded(own, pg):
     with pg.transaction():
         pg.execute("DELETE FROM user_balances WHERE telegram_id = 1")
         pg.execute("INSERT INTO user_balances (telegram_id, balance) VALUES (1, 1500)")
-    own.restart_empty()
-    own.sync()
-    own.set({1: "5.00"})
-    code, _ = own.sync()
+    code, _ = own.rebuilt_after_an_empty_restart()
     assert (code, balances(pg)[1]) == (1, "1500.00")
 
 
@@ -394,10 +399,7 @@ def test_cleared_keys_then_a_correction_then_a_restart(own, pg):
     Redis: the rebuilt balance does not overwrite the correction."""
     own.tool.ok("clear-cache", "--yes")
     pg.execute("UPDATE user_balances SET balance = 1600 WHERE telegram_id = 1")
-    own.restart_empty()
-    own.sync()
-    own.set({1: "5.00"})
-    code, _ = own.sync()
+    code, _ = own.rebuilt_after_an_empty_restart()
     assert (code, balances(pg)[1]) == (1, "1600.00")
 
 
@@ -407,9 +409,6 @@ def test_a_table_rebuilt_by_renaming_the_old_one_away_is_guarded_after_a_restart
     pg.execute("ALTER TABLE user_balances RENAME TO user_balances_old")
     own.tool.ok("init-db")
     pg.execute("INSERT INTO user_balances SELECT * FROM user_balances_old")
-    own.restart_empty()
-    own.sync()
-    own.set({1: "5.00"})
-    code, data = own.sync()
+    code, data = own.rebuilt_after_an_empty_restart()
     assert balances(pg) == PERSISTED, (code, data)
     assert code == 1

@@ -186,18 +186,11 @@ class Database:
         known = self._keys.get(table)
         if known is not None:
             return known
-        row = self.call(
-            lambda conn: conn.execute(
-                """SELECT n.nspname || '.' || c.relname FROM pg_class c
-                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                   WHERE c.oid = to_regclass(%s)""",
-                (_ident(table).as_string(conn),),
-            ).fetchone()
-        )
-        if row is None:
+        found = self.call(lambda conn: catalog_key(conn, _ident(table).as_string(conn)))
+        if found is None:
             return str(table)
-        self._keys[table] = str(row[0])
-        return self._keys[table]
+        self._keys[table] = found
+        return found
 
     def ping(self) -> None:
         """One round trip to the server."""
@@ -209,6 +202,16 @@ class Database:
             lambda conn: conn.execute("SELECT current_setting('server_version')").fetchone()
         )
         return str(row[0]) if row else ""
+
+
+def catalog_key(conn: Connection, name: str) -> str | None:
+    """schema.name of the relation `name` (quoted) as the catalog spells it; None if absent."""
+    row = conn.execute(
+        """SELECT n.nspname || '.' || c.relname FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)""",
+        (name,),
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 class Part:

@@ -23,9 +23,6 @@ from balance_sync.stores.postgres.trust import Trust
 # The ids of a table and of the tables synced from the same Redis keys (a view over it,
 # its name before a rename): whose memory speaks for its rows.
 _KNOWN_AS: LiteralString = """SELECT t.id FROM balsync.targets t
-    WHERE t.target_table = %s OR t.relid = to_regclass(%s)
-       OR t.target_table IN (SELECT target_table FROM balsync.sync_runs WHERE key_prefix = %s)"""
-_KNOWN_AS_NAMED: LiteralString = """SELECT t.id FROM balsync.targets t
     WHERE t.target_table = %(table)s OR t.relid = to_regclass(%(relation)s)
        OR t.target_table IN (SELECT target_table FROM balsync.sync_runs
                              WHERE key_prefix = %(prefix)s)"""
@@ -74,7 +71,7 @@ class Memory(Part):
                                   WHERE w.target_id IN ("""
                 + _KNOWN_AS
                 + """))""",
-                (key, _ident(table).as_string(conn), key_prefix),
+                {"table": key, "relation": _ident(table).as_string(conn), "prefix": key_prefix},
             ).fetchone()
             if row and row[0]:
                 return True
@@ -101,7 +98,7 @@ class Memory(Part):
         aside = sql.SQL(
             """SELECT w.telegram_id FROM balsync.written w
                WHERE w.target_id IN ("""
-            + _KNOWN_AS_NAMED
+            + _KNOWN_AS
             + """)
                  AND NOT w.cleared
                  AND NOT EXISTS (SELECT 1 FROM balsync.restart_seen s
@@ -171,7 +168,7 @@ def _in_row_tables(conn: Connection, table: TableName, key_prefix: str) -> list[
     rows = conn.execute(
         """SELECT n.nspname, c.relname FROM pg_class c
            JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE c.relkind IN ('r', 'p')
+           WHERE c.relkind = 'r'
              AND (c.oid = to_regclass(%s)
                   OR n.nspname || '.' || c.relname IN (SELECT target_table FROM balsync.sync_runs
                                                        WHERE key_prefix = %s))

@@ -369,8 +369,10 @@ def _merge(
         ).fetchone()
         assert row is not None
         return BatchCounts(int(row[0]), int(row[1]), unknown, conflicts)
-    write = _write_in_row if target.memory_in_row else _write
-    updated, inserted = write(conn, target, key)
+    if target.memory_in_row:
+        updated, inserted = _write_in_row(conn, target)
+    else:
+        updated, inserted = _write(conn, target, key)
     # A conflict resolved for the database is remembered only once Redis holds its value
     # (`Database.remember`, after the compare-and-set): never on the hope that it will.
     return BatchCounts(inserted, updated, unknown, conflicts)
@@ -430,7 +432,7 @@ def _classify_in_row(conn: Connection, target: TargetTable, key: int) -> int:
     ).rowcount
 
 
-def _write_in_row(conn: Connection, target: TargetTable, key: int) -> tuple[int, int]:
+def _write_in_row(conn: Connection, target: TargetTable) -> tuple[int, int]:
     """Write the delta and its memory into the same rows: (updated, inserted).
 
     One UPDATE per row sets the balance and what balsync wrote; a row that already agrees

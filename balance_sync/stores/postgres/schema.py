@@ -13,7 +13,13 @@ from psycopg import sql
 from balance_sync.errors import BalsyncError, ConfigError, SchemaMissing
 from balance_sync.settings import ColumnUnit, Settings, TableName
 from balance_sync.stores.postgres import memory_layout
-from balance_sync.stores.postgres.connection import Connection, Part, _first_line, _ident
+from balance_sync.stores.postgres.connection import (
+    Connection,
+    Part,
+    _first_line,
+    _ident,
+    catalog_key,
+)
 from balance_sync.validation import MAX_INTEGER_DIGITS, redis_value
 
 SCHEMA = "balsync"
@@ -295,7 +301,9 @@ class Schema(Part):
                     created.append(f"table {settings.table}")
                 if settings.is_default_table and _relation_exists(conn, settings.table):
                     name = _ident(settings.table).as_string(conn)
-                    created += memory_layout.set_up(conn, settings.table, _catalog_key(conn, name))
+                    key = catalog_key(conn, name)
+                    assert key is not None
+                    created += memory_layout.set_up(conn, settings.table, key)
             return created
 
         try:
@@ -433,17 +441,6 @@ def _narrow_memory_key(conn: Connection) -> None:
     conn.execute("ALTER TABLE balsync.written DROP COLUMN target_table")
     conn.execute("ALTER TABLE balsync.written ALTER COLUMN target_id SET NOT NULL")
     conn.execute("ALTER TABLE balsync.written ADD PRIMARY KEY (target_id, telegram_id)")
-
-
-def _catalog_key(conn: Connection, name: str) -> str:
-    """`Database.key` inside this transaction: schema.name as the catalog spells it."""
-    row = conn.execute(
-        """SELECT n.nspname || '.' || c.relname FROM pg_class c
-           JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(%s)""",
-        (name,),
-    ).fetchone()
-    assert row is not None
-    return str(row[0])
 
 
 def _relation_exists(conn: Connection, table: TableName) -> bool:
